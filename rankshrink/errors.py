@@ -1,0 +1,18 @@
+"""The one error type users see for bad input: the CLI prints its message on one line and exits 2."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad user input: a malformed file, a missing docid, an impossible option.
+
+    The message says where (file and line when there is one), what was found, and what was expected.
+    """
+
+    @classmethod
+    def at(cls, path: str | Path, line_number: int, problem: str, line: str) -> "InputError":
+        shown = line.rstrip("\r\n")
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        return cls(f"{path}:{line_number}: {problem}: {shown!r}")
