@@ -32,3 +32,14 @@ def dl19() -> Path:
 # Tests never reach a model hub: every model they load is a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def dl19_index(tmp_path_factory) -> Path:
+    """A Lucene index (BM25) of the dl19 candidate pool, 10,852 passages, built once per test session."""
+    passages = shared_path("trec-dl", "dl19", "passages.jsonl")
+    from rankshrink.firststage import build_index
+
+    index = tmp_path_factory.mktemp("dl19-lucene") / "index"
+    build_index(passages, index, threads=2, progress=False)
+    return index
