@@ -1,0 +1,233 @@
+"""The dynamic cross-encoder: equal to transformers at full size, really smaller when narrow or shallow,
+building blocks the engine can run on shrinking batches, and everything training needs differentiable."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import rankshrink
+from conftest import shared_path
+from rankshrink.model import ModelConfig, UninitializedWeightsWarning, save_model
+from test_model_fixtures import QUERIES, hf_scores, pairs, tiny_dir, tiny_hf_cross_encoder  # noqa: F401
+
+GRID = [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (0.5, 0.75, 1.0)]
+
+
+def load_quietly(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UninitializedWeightsWarning)
+        return rankshrink.load_model(path)
+
+
+def test_full_network_equals_transformers_on_a_tiny_random_bert(tmp_path):
+    hf_model, tokenizer = tiny_hf_cross_encoder(tmp_path / "tiny")
+    model = load_quietly(tmp_path / "tiny")
+    queries, passages = pairs(12)
+    expected = hf_scores(hf_model, tokenizer, queries, passages)
+    assert expected.std() > 0.1  # the pairs really score differently
+    assert (model.score(queries, passages) - expected).abs().max() <= 1e-5
+    # one padded batch through forward, as the engine would
+    batch = model.tokenize(queries, passages, max_length=64)
+    assert not bool(batch["attention_mask"].all())
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert (out.score - expected).abs().max() <= 1e-5
+
+
+def test_full_network_equals_transformers_on_minilm(tmp_path, dl19):
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankshrink.data import read_topics
+
+    minilm = shared_path("models", "all-MiniLM-L6-v2")
+    with pytest.warns(UninitializedWeightsWarning, match="classifier.weight"):
+        model = rankshrink.load_model(minilm)   # a BertModel: the classifier is new
+    topics = list(read_topics(dl19 / "topics.tsv").values())[:4]
+    passages = ["The Manhattan Project was a research and development undertaking during World War II.",
+                "Cats are small, carnivorous mammals that are often kept as pets. " * 6,
+                "rsv is a common respiratory virus", "a"]
+    queries = [topics[i % len(topics)] for i in range(8)]
+    texts = [passages[i % len(passages)] for i in range(8)]
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    batch = tokenizer(queries, texts, truncation="only_second", max_length=96, padding=True, return_tensors="pt")
+    # the backbone alone, against transformers' BertModel on the very same files
+    backbone = AutoModel.from_pretrained(minilm).eval()
+    with torch.no_grad():
+        theirs = backbone(**batch).last_hidden_state
+        ours = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                     output_hidden_states=True).hidden_states[-1]
+    real = batch["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5
+    # the whole cross-encoder (with the classifier we initialised), saved and read back by transformers
+    save_model(model, tmp_path / "minilm")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "minilm").eval()
+    with torch.no_grad():
+        expected = classifier(**batch).logits.squeeze(-1)
+    assert (model.score(queries, texts, max_length=96) - expected).abs().max() <= 1e-5
+
+
+def test_depth_drops_layers_evenly_and_width_rounds_up():
+    six = ModelConfig(num_layers=6)
+    assert six.layers_for(0.5) == [0, 2, 4]
+    assert six.layers_for(0.75) == [0, 1, 2, 4, 5]   # 4.5 layers: rounded up
+    assert six.layers_for(1.0) == [0, 1, 2, 3, 4, 5]
+    twelve = ModelConfig(num_layers=12, hidden_size=768, num_heads=12, head_size=64, intermediate_size=3072)
+    assert twelve.layers_for(0.5) == [0, 2, 4, 6, 8, 10]                 # DynaBERT's own lists
+    assert twelve.layers_for(0.75) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert [twelve.heads_for(w) for w in (0.25, 0.5, 0.75, 1.0)] == [3, 6, 9, 12]
+    assert [six.neurons_for(w) for w in (0.25, 0.5, 0.75, 1.0)] == [384, 768, 1152, 1536]
+    assert ModelConfig(num_layers=10).layers_for(0.7) == [0, 1, 2, 4, 5, 7, 8]  # 0.7·10 is 7.000000000000001
+    with pytest.raises(ValueError, match="width"):
+        six.heads_for(0)
+    with pytest.raises(ValueError, match="depth"):
+        six.layers_for(1.5)
+
+
+@pytest.mark.parametrize("width,depth", [(1.0, 1.0), (0.5, 1.0), (0.25, 0.5), (0.75, 0.75)])
+def test_matmuls_shrink_with_width_and_depth_as_the_flops_formula_says(tiny_dir, width, depth):
+    model = load_quietly(tiny_dir)
+    batch, length = 3, 20
+    ids = torch.randint(5, len(model.tokenizer), (batch, length))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids, torch.ones_like(ids), width=width, depth=depth)
+    # The counter sees the projections and FFN (addmm) but not CPU attention; take Q·Kᵀ and A·V out of ours.
+    attention = len(model.layers_for(depth)) * 4 * length * length * model.heads_for(width) * model.config.head_size
+    assert counter.get_total_flops() == batch * (model.flops(width, depth, length) - attention)
+
+
+def test_dropped_heads_and_neurons_are_never_read(tiny_dir):
+    model = load_quietly(tiny_dir)
+    queries, passages = pairs(6)
+    before = model.score(queries, passages, width=0.5)
+    inner, neurons = model.heads_for(0.5) * model.config.head_size, model.neurons_for(0.5)
+    with torch.no_grad():
+        for layer in model.layers:
+            for projection in (layer.attention.query, layer.attention.key, layer.attention.value):
+                projection.weight[inner:] = float("nan")
+            layer.attention.output.weight[:, inner:] = float("nan")
+            layer.ffn.up.weight[neurons:] = float("nan")
+            layer.ffn.down.weight[:, neurons:] = float("nan")
+    assert torch.equal(model.score(queries, passages, width=0.5), before)
+    assert model.score(queries, passages, width=1.0).isnan().all()
+
+
+def test_flops_ratios():
+    from rankshrink.model import DynamicCrossEncoder
+
+    model = DynamicCrossEncoder(ModelConfig())   # MiniLM-L6's shape
+    full = model.flops(1.0, 1.0, 96)
+    assert 2.1e9 < full < 2.2e9          # ≈ 2.13 GFLOPs per 96-token pair
+    assert model.flops(0.5, 1.0, 96) / full == pytest.approx(0.5, abs=1e-3)
+    assert model.flops(1.0, 0.5, 96) / full == pytest.approx(0.5, abs=1e-3)
+    assert model.flops(0.5, 0.75, 96) / full == pytest.approx(0.5 * 5 / 6, abs=1e-3)
+
+
+def test_subnetwork_is_physically_smaller_and_scores_the_same(tiny_dir):
+    model = load_quietly(tiny_dir)
+    queries, passages = pairs(8)
+    for width, depth in GRID:
+        small = model.subnetwork(width, depth)
+        assert small.config.num_layers == len(model.layers_for(depth))
+        assert small.layers[0].attention.query.weight.shape[0] == model.heads_for(width) * model.config.head_size
+        assert small.layers[0].ffn.up.weight.shape[0] == model.neurons_for(width)
+        diff = (small.score(queries, passages) - model.score(queries, passages, width=width, depth=depth)).abs()
+        assert diff.max() <= 1e-5, (width, depth)
+
+
+def test_forward_returns_exit_scores_and_hidden_states(tiny_dir):
+    model = load_quietly(tiny_dir)
+    batch = model.tokenize(*pairs(5))
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], depth=0.75,
+                    exits="all", output_hidden_states=True)
+    assert out.layers == [0, 1, 2]
+    assert sorted(out.exit_scores) == [0, 1, 2]
+    assert len(out.hidden_states) == 4                  # embeddings + three executed layers
+    # the last physical layer's exit is the final head
+    with torch.no_grad():
+        full = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], exits=[3])
+    assert torch.equal(full.exit_scores[3], full.score)
+    with pytest.raises(ValueError, match=r"not executed"):
+        model(batch["input_ids"], batch["attention_mask"], depth=0.5, exits=[1])
+
+
+def test_building_blocks_on_a_shrinking_batch_match_forward(tiny_dir):
+    """What the engine does: run layer by layer, drop exited passages from the batch between layers."""
+    model = load_quietly(tiny_dir)
+    batch = model.tokenize(*pairs(10))
+    width, depth = 0.75, 1.0
+    with torch.no_grad():
+        expected = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                         width=width, depth=depth, exits="all")
+        hidden = model.embed(batch["input_ids"], batch["token_type_ids"])
+        mask = batch["attention_mask"]
+        alive = torch.arange(10)
+        for index in model.layers_for(depth):
+            hidden = model.run_layer(index, hidden, mask, width)
+            assert torch.allclose(model.exit_score(index, hidden), expected.exit_scores[index][alive], atol=1e-5)
+            keep = torch.arange(len(alive)) % 2 == 0 if len(alive) > 2 else torch.ones(len(alive), dtype=torch.bool)
+            rows = keep.nonzero().squeeze(1)
+            hidden, mask, alive = hidden.index_select(0, rows), mask.index_select(0, rows), alive[rows]
+        final = model.final_score(hidden)
+    assert (final - expected.score[alive]).abs().max() <= 1e-5
+
+
+def test_everything_training_needs_is_differentiable(tiny_dir):
+    model = load_quietly(tiny_dir).train()
+    batch = model.tokenize(*pairs(6))
+    teacher = load_quietly(tiny_dir).eval()
+    with torch.no_grad():
+        target = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                         output_hidden_states=True)
+    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=0.5, depth=0.5,
+                exits="all", output_hidden_states=True)
+    hidden_mse = sum(torch.nn.functional.mse_loss(h, target.hidden_states[layer + 1])
+                     for h, layer in zip(out.hidden_states[1:], out.layers))
+    loss = (out.score - target.score).pow(2).mean() + sum(s.pow(2).mean() for s in out.exit_scores.values()) \
+        + hidden_mse
+    loss.backward()
+    assert model.layers[0].attention.query.weight.grad.abs().sum() > 0
+    assert model.layers[0].attention.query.weight.grad[model.heads_for(0.5) * model.config.head_size:].abs().sum() == 0
+    assert model.layers[1].ffn.up.weight.grad is None                  # layer 1 is not run at depth 0.5
+    assert model.exits["2"].classifier.weight.grad.abs().sum() > 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = model.head.classifier.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model.head.classifier.weight)
+    # head / neuron masks carry a gradient (DynaBERT's importance)
+    head_mask = torch.ones(4, 4, requires_grad=True)
+    neuron_mask = torch.ones(4, 64, requires_grad=True)
+    out = model.eval()(batch["input_ids"], batch["attention_mask"], head_mask=head_mask, neuron_mask=neuron_mask)
+    out.score.sum().backward()
+    assert head_mask.grad.abs().min() > 0 and neuron_mask.grad.abs().sum() > 0
+
+
+def test_bf16_runs_and_stays_close(tiny_dir):
+    model = load_quietly(tiny_dir)
+    queries, passages = pairs(12)
+    full = model.score(queries, passages, width=0.5, depth=0.75)
+    low = model.clone().to(torch.bfloat16)
+    assert low.layers[0].attention.query.weight.dtype == torch.bfloat16
+    scores = low.score(queries, passages, width=0.5, depth=0.75)
+    assert scores.dtype == torch.float32
+    assert (scores - full).abs().max() < 0.1 * full.abs().max() + 0.05
+
+
+def test_score_keeps_input_order_and_truncates_only_the_passage(tiny_dir):
+    model = load_quietly(tiny_dir)
+    queries, passages = pairs(9)
+    together = model.score(queries, passages, batch_size=4)
+    one_by_one = torch.cat([model.score([q], [p]) for q, p in zip(queries, passages)])
+    assert (together - one_by_one).abs().max() <= 1e-5
+    assert torch.equal(model.score("cat", ["a cat", "dog"]), model.score(["cat", "cat"], ["a cat", "dog"]))
+    long_passage = "the cat sat on the mat " * 40
+    encoded = model.encode([QUERIES[0]], [long_passage], max_length=16)
+    ids = encoded["input_ids"][0]
+    assert len(ids) == 16 and ids[:8] == model.encode([QUERIES[0]], ["dog"])["input_ids"][0][:8]  # query whole
+    long_query = "why is the sky blue " * 10
+    assert len(model.encode([long_query], ["dog"], max_length=16)["input_ids"][0]) == 16  # query cut too
+    with pytest.raises(ValueError, match="one query per passage"):
+        model.score(["a", "b"], ["c"])
