@@ -56,9 +56,10 @@ def read_release(home: Path) -> tuple[tuple[int, ...], frozenset[str] | None]:
     version_match = re.search(r'^JAVA_VERSION="([^"]+)"', text, re.MULTILINE)
     version: tuple[int, ...] = ()
     if version_match:
-        version = tuple(int(part) for part in re.findall(r"\d+", version_match.group(1))[:3])
+        version = tuple(int(part) for part in re.findall(r"\d+", version_match.group(1)))
         if version[:1] == (1,):  # "1.8.0_292" is Java 8
             version = version[1:]
+        version = version[:3]
     modules_match = re.search(r'^MODULES="([^"]*)"', text, re.MULTILINE)
     modules = frozenset(modules_match.group(1).split()) if modules_match else None
     return version, modules
