@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -172,24 +173,58 @@ def publish_directory(new: Path, target: Path) -> None:
 
 
 def _feed(indexer, passages: Collection, batch_size: int, progress: bool) -> tuple[int, int]:
-    """Send passages to Anserini in batches of JSON lines; returns (passages sent, documents indexed)."""
+    """Send passages to Anserini in batches of JSON lines; returns (passages sent, documents indexed).
+
+    A second thread hands batches to Java (which releases the GIL and indexes each batch with its own
+    threads) while this one reads and checks the next batch, so neither waits for the other."""
+    from queue import Queue
+
     from tqdm import tqdm
 
+    pending: Queue[list[str] | None] = Queue(maxsize=2)
+    indexed = 0
+    failures: list[BaseException] = []
+
+    def index_batches() -> None:
+        nonlocal indexed
+        from jnius import detach
+
+        try:
+            while (lines := pending.get()) is not None:
+                if not failures:
+                    indexed += indexer.object.addRawDocuments(lines)
+        except BaseException as error:  # handed to the reading thread, which raises it
+            failures.append(error)
+            while pending.get() is not None:
+                pass
+        finally:
+            detach()
+
+    worker = threading.Thread(target=index_batches, name="rankshrink-lucene-indexer", daemon=True)
+    worker.start()
     seen: set[str] = set()
-    fed = indexed = 0
-    with tqdm(total=_count_hint(passages), unit=" passages", desc="indexing", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for batch in _batches(passages, batch_size):
-            lines = []
-            for passage in batch:
-                if passage.docid in seen:
-                    raise InputError(f"{passages.source}: docid {passage.docid!r} appears twice "
-                                     f"(passage {fed + len(lines) + 1})")
-                seen.add(passage.docid)
-                lines.append(json.dumps({"id": passage.docid, "contents": passage.text}, ensure_ascii=False))
-            indexed += indexer.object.addRawDocuments(lines)
-            fed += len(lines)
-            bar.update(len(lines))
+    fed = 0
+    try:
+        with tqdm(total=_count_hint(passages), unit=" passages", desc="indexing", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for batch in _batches(passages, batch_size):
+                lines = []
+                for passage in batch:
+                    if passage.docid in seen:
+                        raise InputError(f"{passages.source}: docid {passage.docid!r} appears twice "
+                                         f"(passage {fed + len(lines) + 1})")
+                    seen.add(passage.docid)
+                    lines.append(json.dumps({"id": passage.docid, "contents": passage.text}, ensure_ascii=False))
+                if failures:
+                    break
+                pending.put(lines)
+                fed += len(lines)
+                bar.update(len(lines))
+    finally:
+        pending.put(None)
+        worker.join()
+    if failures:
+        raise failures[0]
     return fed, indexed
 
 
