@@ -125,6 +125,11 @@ def build_index(collection: str | Path | Collection, index_dir: str | Path, *, t
             args=["-index", str(building), "-storePositions", "-storeDocvectors", "-storeRaw"], threads=threads)
         try:
             fed, indexed = _feed(indexer, passages, batch_size, progress)
+        except OSError as error:
+            if Path(passages.source).exists():
+                raise
+            raise InputError(f"{passages.source}: ir_datasets could not fetch the collection "
+                             f"({type(error).__name__}: {str(error)[:200]}); offline, give a local JSONL/TSV file") from error
         finally:
             indexer.close()
         searcher = pyserini().LuceneSearcher(str(building))
