@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Literal
 
 from ..data import Collection, Run, atomic_write, open_collection
 from ..errors import InputError
+from .building import batches, check_k, check_writable_index_dir, count_hint, publish_directory
 from .jvm import pyserini
 
 ANSERINI_BM25 = (0.9, 0.4)
@@ -153,30 +154,6 @@ def build_index(collection: str | Path | Collection, index_dir: str | Path, *, t
     return info
 
 
-def check_writable_index_dir(index_dir: Path, overwrite: bool) -> None:
-    if index_dir.exists() and not index_dir.is_dir():
-        raise InputError(f"{index_dir}: exists and is not a directory")
-    if index_dir.is_dir() and any(index_dir.iterdir()) and not overwrite:
-        raise InputError(f"{index_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
-    index_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
-def publish_directory(new: Path, target: Path) -> None:
-    """Move the finished build ``new`` to ``target`` (an old ``target`` is set aside first and deleted after
-    the swap), readable as any directory the user creates (mkdtemp made it private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in (new, *new.iterdir()):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _feed(indexer, passages: Collection, batch_size: int, progress: bool) -> tuple[int, int]:
     """Send passages to Anserini in batches of JSON lines; returns (passages sent, documents indexed).
 
@@ -210,9 +187,9 @@ def _feed(indexer, passages: Collection, batch_size: int, progress: bool) -> tup
     seen: set[str] = set()
     fed = 0
     try:
-        with tqdm(total=_count_hint(passages), unit=" passages", desc="indexing", disable=not progress,
+        with tqdm(total=count_hint(passages), unit=" passages", desc="indexing", disable=not progress,
                   dynamic_ncols=True) as bar:
-            for batch in _batches(passages, batch_size):
+            for batch in batches(passages, batch_size):
                 lines = []
                 for passage in batch:
                     if passage.docid in seen:
@@ -231,33 +208,6 @@ def _feed(indexer, passages: Collection, batch_size: int, progress: bool) -> tup
     if failures:
         raise failures[0]
     return fed, indexed
-
-
-def _batches(passages: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for passage in passages:
-        batch.append(passage)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _count_hint(passages: Collection) -> int | None:
-    """Number of passages for the progress bar: lines of a file (a fast byte count), or ir_datasets' count."""
-    path = Path(passages.source)
-    if path.is_file():
-        count, last = 0, b"\n"
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                count += chunk.count(b"\n")
-                last = chunk[-1:]
-        return count + (last != b"\n")
-    try:
-        return len(passages)
-    except Exception:  # an ir_datasets id whose count needs a download: show a bar without a total
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +248,7 @@ class BM25:
     def search(self, query: str, k: int = 1000) -> dict[str, float]:
         """The top ``k`` documents for ``query`` as ``{docid: score}``, best first. An empty query (or one of
         stopwords only) has no hits."""
-        _check_k(k)
+        check_k(k)
         if not isinstance(query, str):
             raise InputError(f"a query is a string, got {type(query).__name__}")
         if not query.strip():
@@ -308,7 +258,7 @@ class BM25:
     def batch_search(self, topics: Mapping[str, str], k: int = 1000, threads: int = 2) -> Run:
         """Search all ``topics`` ({qid: query}) with ``threads`` Java threads; a Run in the topics' order.
         Queries without hits (empty, or stopwords only) map to ``{}``."""
-        _check_k(k)
+        check_k(k)
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         qids = [str(qid) for qid in topics]
@@ -355,8 +305,3 @@ class BM25:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")

@@ -1,0 +1,68 @@
+"""What every index build and searcher shares: a safe target directory, publishing a finished build in one
+rename, batching a collection, and checking ``k``."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ..data import Collection
+from ..errors import InputError
+
+
+def check_writable_index_dir(index_dir: Path, overwrite: bool) -> None:
+    if index_dir.exists() and not index_dir.is_dir():
+        raise InputError(f"{index_dir}: exists and is not a directory")
+    if index_dir.is_dir() and any(index_dir.iterdir()) and not overwrite:
+        raise InputError(f"{index_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
+    index_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def publish_directory(new: Path, target: Path) -> None:
+    """Move the finished build ``new`` to ``target`` (an old ``target`` is set aside first and deleted after
+    the swap), readable as any directory the user creates (mkdtemp made it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (new, *new.iterdir()):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def batches(passages: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for passage in passages:
+        batch.append(passage)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def count_hint(passages: Collection) -> int | None:
+    """Number of passages for the progress bar: lines of a file (a fast byte count), or ir_datasets' count."""
+    path = Path(passages.source)
+    if path.is_file():
+        count, last = 0, b"\n"
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                count += chunk.count(b"\n")
+                last = chunk[-1:]
+        return count + (last != b"\n")
+    try:
+        return len(passages)
+    except Exception:  # an ir_datasets id whose count needs a download: show a bar without a total
+        return None
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
