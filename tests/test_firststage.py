@@ -269,15 +269,19 @@ def test_interrupted_build_leaves_nothing_that_looks_like_an_index(tmp_path):
 
 
 def test_recipe_gives_defaults_and_flags_override(tmp_path):
+    from argparse import Namespace
+
     from rankshrink.cli.index import options, read_recipe
 
     for recipe in sorted((REPO / "indexes").glob("*.yaml")):
         assert {"collection", "index"} <= set(read_recipe(recipe)), recipe
     recipe = tmp_path / "r.yaml"
     recipe.write_text("collection: c.jsonl\nindex: out\nthreads: 3\n", encoding="utf-8")
-    from argparse import Namespace
     chosen = options(Namespace(recipe=recipe, collection=None, index="mine", threads=None))
-    assert chosen == {"collection": "c.jsonl", "index": "mine", "threads": 3}
+    assert (chosen["collection"], chosen["index"], chosen["threads"], chosen["dense"]) == ("c.jsonl", "mine", 3, False)
+    recipe.write_text("collection: c.jsonl\nindex: out\ndense: true\nencoder: m\nfaiss: hnsw\n", encoding="utf-8")
+    chosen = options(Namespace(recipe=recipe, dense=False, faiss=None))
+    assert (chosen["dense"], chosen["encoder"], chosen["faiss"]) == (True, "m", "hnsw")
     recipe.write_text("collection: c.jsonl\nindx: typo\n", encoding="utf-8")
     with pytest.raises(InputError, match="unknown key"):
         read_recipe(recipe)
