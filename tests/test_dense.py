@@ -102,7 +102,7 @@ def test_interrupted_build_resumes_from_its_shards_and_equals_an_uninterrupted_o
                           shard_size=64, progress=False)
     assert not index.exists()
     assert sorted(p.name for p in (tmp_path / ".index.building-dense").iterdir()) == [
-        "build.json", "shard-00000.ids", "shard-00000.npy", "shard-00001.ids", "shard-00001.npy"]
+        "build.json", "lock", "shard-00000.ids", "shard-00000.npy", "shard-00001.ids", "shard-00001.npy"]
     info = build_dense_index(small_pool, index, tiny_encoder, dtype="fp32", device="cpu", shard_size=64,
                              progress=False)
     assert info.resumed_passages == 128 and info.documents == SMALL_POOL
@@ -131,6 +131,20 @@ def test_unfinished_build_with_other_settings_is_discarded(tmp_path, tiny_encode
         info = build_dense_index(small_pool, tmp_path / "index", tiny_encoder, dtype="bf16", device="cpu",
                                  shard_size=64, progress=False)
     assert info.resumed_passages == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_a_second_build_of_the_same_index_at_once_is_refused(tmp_path, tiny_encoder, small_pool):
+    import fcntl
+
+    building = tmp_path / ".index.building-dense"
+    building.mkdir()
+    with open(building / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match="another build of this index is running"):
+            build_dense_index(small_pool, tmp_path / "index", tiny_encoder, dtype="fp32", device="cpu",
+                              progress=False)
+    assert not (tmp_path / "index").exists()
 
 
 def test_hnsw_and_ivfpq_keep_recall_against_flat():

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -187,9 +188,14 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
             encode_seconds=round(encode_seconds, 2),
             passages_per_second=round(encoded / encode_seconds, 1) if encoded else 0.0,
             resumed_passages=len(docids) - encoded, search_defaults=search_defaults)
-        _write_index(shards.folder, index, docids, info)
-        shards.remove_shards()
-        publish_directory(shards.folder, index_dir)
+        finished = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.building-", dir=index_dir.parent))
+        try:
+            _write_index(finished, index, docids, info)
+            publish_directory(finished, index_dir)
+        except BaseException:
+            shutil.rmtree(finished, ignore_errors=True)
+            raise
+        shutil.rmtree(building)  # the shards; our lock goes with them
     return info
 
 
@@ -214,14 +220,14 @@ def _encoder_reference(encoder: str | Path) -> str:
 
 
 class _exclusive:
-    """Hold a lock beside the index while building it, so two builds of one index cannot interleave."""
+    """Hold a lock inside the build folder while building, so two builds of one index cannot interleave."""
 
     def __init__(self, building: Path, index_dir: Path):
-        self.lock_path = building.parent / f".{index_dir.name}.building-dense.lock"
-        self.index_dir = index_dir
+        self.building, self.index_dir = building, index_dir
 
     def __enter__(self) -> None:
-        self.handle = open(self.lock_path, "w")
+        self.building.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.building / "lock", "w")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -231,7 +237,8 @@ class _exclusive:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
-        self.lock_path.unlink(missing_ok=True)
+        if self.building.is_dir() and {p.name for p in self.building.iterdir()} <= {"lock"}:
+            shutil.rmtree(self.building)  # nothing to resume from: leave nothing behind
 
 
 class _Shards:
@@ -241,14 +248,13 @@ class _Shards:
     def __init__(self, folder: Path, settings: dict, resume: bool):
         self.folder, self.settings = folder, settings
         manifest = folder / "build.json"
-        if folder.exists():
-            same = manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")) == settings
+        if manifest.exists():
+            same = json.loads(manifest.read_text(encoding="utf-8")) == settings
             if not (resume and same):
                 if resume:
                     warnings.warn(f"{folder}: an unfinished build with other settings (collection, encoder, "
                                   "dtype or shard size) is discarded", stacklevel=3)
-                shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+                self.remove_shards()
         if not manifest.exists():
             with atomic_write(manifest) as out:
                 json.dump(settings, out, indent=2)
@@ -275,7 +281,7 @@ class _Shards:
 
     def remove_shards(self) -> None:
         for path in [*self.folder.glob("shard-*"), self.folder / "build.json"]:
-            path.unlink()
+            path.unlink(missing_ok=True)
 
 
 def _encode_shards(model, passages: Collection, shards: _Shards, batch_size: int, normalize: bool,
