@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rankshrink
 from conftest import shared_path
@@ -86,16 +86,38 @@ def test_depth_drops_layers_evenly_and_width_rounds_up():
         six.layers_for(1.5)
 
 
+class MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every matmul and attention kernel that actually runs, from the operand shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name == "aten.addmm.default":                      # bias, [m, k], [k, n]
+            (m, k), n = args[1].shape, args[2].shape[1]
+            self.total += 2 * m * k * n
+        elif name.startswith("mkldnn._linear_pointwise"):     # x [..., k], (binary: residual), weight [n, k]
+            x, weight = args[0], args[2] if name.endswith("binary") else args[1]
+            self.total += 2 * (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1]
+        elif "scaled_dot_product" in name:                    # q [b, heads, length, d]: Q·Kᵀ and A·V
+            b, heads, length, size = args[0].shape
+            self.total += 2 * 2 * b * heads * length * args[1].shape[2] * size
+        elif name in ("aten.mm.default", "aten.bmm.default", "aten.matmul.default"):
+            raise AssertionError(f"uncounted matmul {name}")
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("width,depth", [(1.0, 1.0), (0.5, 1.0), (0.25, 0.5), (0.75, 0.75)])
-def test_matmuls_shrink_with_width_and_depth_as_the_flops_formula_says(tiny_dir, width, depth):
+@pytest.mark.parametrize("kernels", ["fused (inference)", "plain (autograd)"])
+def test_matmuls_shrink_with_width_and_depth_as_the_flops_formula_says(tiny_dir, width, depth, kernels):
     model = load_quietly(tiny_dir)
     batch, length = 3, 20
     ids = torch.randint(5, len(model.tokenizer), (batch, length))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with torch.set_grad_enabled(kernels.startswith("plain")), MatmulFlops() as counter:
         model(ids, torch.ones_like(ids), width=width, depth=depth)
-    # The counter sees the projections and FFN (addmm) but not CPU attention; take Q·Kᵀ and A·V out of ours.
-    attention = len(model.layers_for(depth)) * 4 * length * length * model.heads_for(width) * model.config.head_size
-    assert counter.get_total_flops() == batch * (model.flops(width, depth, length) - attention)
+    assert counter.total == batch * model.flops(width, depth, length)
 
 
 def test_dropped_heads_and_neurons_are_never_read(tiny_dir):
@@ -105,8 +127,7 @@ def test_dropped_heads_and_neurons_are_never_read(tiny_dir):
     inner, neurons = model.heads_for(0.5) * model.config.head_size, model.neurons_for(0.5)
     with torch.no_grad():
         for layer in model.layers:
-            for projection in (layer.attention.query, layer.attention.key, layer.attention.value):
-                projection.weight[inner:] = float("nan")
+            layer.attention.qkv.weight[3 * inner:] = float("nan")
             layer.attention.output.weight[:, inner:] = float("nan")
             layer.ffn.up.weight[neurons:] = float("nan")
             layer.ffn.down.weight[:, neurons:] = float("nan")
@@ -131,7 +152,7 @@ def test_subnetwork_is_physically_smaller_and_scores_the_same(tiny_dir):
     for width, depth in GRID:
         small = model.subnetwork(width, depth)
         assert small.config.num_layers == len(model.layers_for(depth))
-        assert small.layers[0].attention.query.weight.shape[0] == model.heads_for(width) * model.config.head_size
+        assert small.layers[0].attention.qkv.weight.shape[0] == 3 * model.heads_for(width) * model.config.head_size
         assert small.layers[0].ffn.up.weight.shape[0] == model.neurons_for(width)
         diff = (small.score(queries, passages) - model.score(queries, passages, width=width, depth=depth)).abs()
         assert diff.max() <= 1e-5, (width, depth)
@@ -189,8 +210,8 @@ def test_everything_training_needs_is_differentiable(tiny_dir):
     loss = (out.score - target.score).pow(2).mean() + sum(s.pow(2).mean() for s in out.exit_scores.values()) \
         + hidden_mse
     loss.backward()
-    assert model.layers[0].attention.query.weight.grad.abs().sum() > 0
-    assert model.layers[0].attention.query.weight.grad[model.heads_for(0.5) * model.config.head_size:].abs().sum() == 0
+    assert model.layers[0].attention.qkv.weight.grad.abs().sum() > 0
+    assert model.layers[0].attention.qkv.weight.grad[3 * model.heads_for(0.5) * model.config.head_size:].abs().sum() == 0
     assert model.layers[1].ffn.up.weight.grad is None                  # layer 1 is not run at depth 0.5
     assert model.exits["2"].classifier.weight.grad.abs().sum() > 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -210,7 +231,7 @@ def test_bf16_runs_and_stays_close(tiny_dir):
     queries, passages = pairs(12)
     full = model.score(queries, passages, width=0.5, depth=0.75)
     low = model.clone().to(torch.bfloat16)
-    assert low.layers[0].attention.query.weight.dtype == torch.bfloat16
+    assert low.layers[0].attention.qkv.weight.dtype == torch.bfloat16
     scores = low.score(queries, passages, width=0.5, depth=0.75)
     assert scores.dtype == torch.float32
     assert (scores - full).abs().max() < 0.1 * full.abs().max() + 0.05

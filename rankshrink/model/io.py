@@ -191,9 +191,25 @@ def _load_rankshrink_dir(directory: Path) -> DynamicCrossEncoder:
                              f"{list(config.exit_layers)} that {MANIFEST} lists)")
         _load_exact(model.exits, _read_safetensors(directory / EXIT_WEIGHTS), directory / EXIT_WEIGHTS, "exits.")
     model.hf_config = hf_config
-    model.rewiring = manifest.get("rewiring")
+    model.rewiring = _checked_rewiring(manifest.get("rewiring"), config, where)
     model.metadata = manifest.get("metadata") or {}
+    if not isinstance(model.metadata, dict):
+        raise InputError(f"{where}: 'metadata' must be an object, found {type(model.metadata).__name__}")
     return model
+
+
+def _checked_rewiring(rewiring: Any, config: ModelConfig, where: Path) -> dict[str, list[list[int]]] | None:
+    """None, or per-layer permutations: head_order [layers][heads], neuron_order [layers][ffn]."""
+    if rewiring is None:
+        return None
+    sizes = {"head_order": config.num_heads, "neuron_order": config.intermediate_size}
+    for key, size in sizes.items():
+        orders = rewiring.get(key) if isinstance(rewiring, dict) else None
+        if (not isinstance(orders, list) or len(orders) != config.num_layers
+                or any(sorted(order) != list(range(size)) for order in orders)):
+            raise InputError(f"{where}: rewiring.{key} must be {config.num_layers} permutations of "
+                             f"0..{size - 1} (one per layer)")
+    return rewiring
 
 
 def _load_exact(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Path, prefix: str) -> None:

@@ -102,12 +102,12 @@ def rewire(model: DynamicCrossEncoder, importance: Importance) -> DynamicCrossEn
         for index, layer in enumerate(model.layers):
             head_order = torch.argsort(importance.heads[index], descending=True, stable=True)
             neuron_order = torch.argsort(importance.neurons[index], descending=True, stable=True)
-            rows = (head_order[:, None] * size + torch.arange(size)).reshape(-1)   # each head's block of rows
             attention = layer.attention
-            for projection in (attention.query, attention.key, attention.value):
-                projection.weight.copy_(projection.weight[rows])
-                projection.bias.copy_(projection.bias[rows])
-            attention.output.weight.copy_(attention.output.weight[:, rows])
+            qkv_rows = (head_order[:, None] * 3 * size + torch.arange(3 * size)).reshape(-1)  # [q k v] per head
+            attention.qkv.weight.copy_(attention.qkv.weight[qkv_rows])
+            attention.qkv.bias.copy_(attention.qkv.bias[qkv_rows])
+            columns = (head_order[:, None] * size + torch.arange(size)).reshape(-1)
+            attention.output.weight.copy_(attention.output.weight[:, columns])
             layer.ffn.up.weight.copy_(layer.ffn.up.weight[neuron_order])
             layer.ffn.up.bias.copy_(layer.ffn.up.bias[neuron_order])
             layer.ffn.down.weight.copy_(layer.ffn.down.weight[:, neuron_order])
