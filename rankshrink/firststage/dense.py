@@ -110,7 +110,10 @@ def encode(model, texts: Sequence[str], *, kind: Literal["query", "document"], b
     method = model.encode_query if kind == "query" else model.encode_document
     vectors = method(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False,
                      normalize_embeddings=normalize)
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if normalize:  # again in fp32: a bf16 model normalises in bf16, leaving norms up to ~0.5% off 1
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
 
 
 # ---------------------------------------------------------------------------------------------
