@@ -153,11 +153,15 @@ def test_hnsw_and_ivfpq_keep_recall_against_flat():
     vectors = (centres[rng.integers(0, 50, 5000)] + 0.5 * rng.normal(size=(5000, 64))).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[:100] + 0.1 * rng.normal(size=(100, 64)).astype(np.float32)
-    flat, _, _ = _faiss_index(vectors, "flat", 32)
+    def shards(vectors=vectors):  # as the build hands them over: in pieces
+        return (vectors[start:start + 1024] for start in range(0, len(vectors), 1024))
+
+    flat, _, _ = _faiss_index(shards, len(vectors), "flat", 32)
     _, exact = flat.search(queries, 10)
-    hnsw, factory, defaults = _faiss_index(vectors, "hnsw", 32)
+    np.testing.assert_array_equal(flat.reconstruct_n(0, len(vectors)), vectors)
+    hnsw, factory, defaults = _faiss_index(shards, len(vectors), "hnsw", 32)
     hnsw.hnsw.efSearch = defaults["ef_search"]
-    ivfpq, ivf_factory, ivf_defaults = _faiss_index(vectors, "ivfpq", 32)
+    ivfpq, ivf_factory, ivf_defaults = _faiss_index(shards, len(vectors), "ivfpq", 32)
     ivfpq.nprobe = ivf_defaults["nprobe"]
     recall = lambda found: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])  # noqa: E731
     assert factory == "HNSW32,Flat" and recall(hnsw.search(queries, 10)[1]) > 0.97
@@ -166,7 +170,7 @@ def test_hnsw_and_ivfpq_keep_recall_against_flat():
     found = ivfpq.search(queries, 100)[1]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]) > 0.9
     with pytest.raises(InputError, match="IVF-PQ needs at least 1,000 passages"):
-        _faiss_index(vectors[:999], "ivfpq", 32)
+        _faiss_index(lambda: [vectors[:999]], 999, "ivfpq", 32)
 
 
 def test_cli_builds_hnsw_and_searches_dense(tmp_path, tiny_encoder, small_pool, small_dense_index, dl19, capsys):

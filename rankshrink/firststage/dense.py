@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -152,7 +152,7 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
 
     >>> build_dense_index("../shared/trec-dl/dl19/passages.jsonl", "indexes/dl19-minilm",
     ...                   "../shared/models/all-MiniLM-L6-v2")
-    DenseIndexInfo(encoder='../shared/models/all-MiniLM-L6-v2', dimension=384, ...)
+    DenseIndexInfo(encoder='/.../shared/models/all-MiniLM-L6-v2', dimension=384, faiss='flat', ...)
     """
     if faiss_kind not in ("flat", "hnsw", "ivfpq"):
         raise InputError(f"faiss kind must be flat, hnsw or ivfpq, got {faiss_kind!r}")
@@ -165,7 +165,7 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
     chosen_dtype = resolve_dtype(dtype, device)
     model = load_encoder(encoder, device, chosen_dtype, max_length)
     similarity = similarity_of(model)
-    settings = {"collection": _source_identity(passages), "encoder": str(encoder), "dtype": chosen_dtype,
+    settings = {"collection": _source_identity(passages), "encoder": _encoder_reference(encoder), "dtype": chosen_dtype,
                 "max_length": model.max_seq_length, "shard_size": shard_size, "similarity": similarity}
     building = index_dir.parent / f".{index_dir.name}.building-dense"
     with _exclusive(building, index_dir):
@@ -180,12 +180,12 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
                               "command again to resume", stacklevel=2)
             raise
         encode_seconds = time.perf_counter() - started
-        docids, vectors = shards.load_all()
+        docids = shards.docids()
         if not docids:
             raise InputError(f"{passages.source}: the collection has no passages")
-        index, factory, search_defaults = _faiss_index(vectors, faiss_kind, hnsw_m)
+        index, factory, search_defaults = _faiss_index(shards.vectors, len(docids), faiss_kind, hnsw_m)
         info = DenseIndexInfo(
-            encoder=_encoder_reference(encoder), dimension=int(vectors.shape[1]), similarity=similarity,
+            encoder=_encoder_reference(encoder), dimension=int(index.d), similarity=similarity,
             faiss=faiss_kind, faiss_factory=factory, dtype=chosen_dtype, max_length=int(model.max_seq_length),
             documents=len(docids), collection=_collection_reference(passages),
             encode_seconds=round(encode_seconds, 2),
@@ -272,15 +272,14 @@ class _Shards:
         with atomic_write(self.folder / f"shard-{number:05d}.ids") as out:
             out.write("".join(f"{docid}\n" for docid in docids))
 
-    def load_all(self) -> tuple[list[str], np.ndarray]:
-        docids: list[str] = []
-        arrays = []
+    def docids(self) -> list[str]:
+        return [docid for ids_file in sorted(self.folder.glob("shard-*.ids"))
+                for docid in ids_file.read_text(encoding="utf-8").split("\n")[:-1]]
+
+    def vectors(self) -> Iterator[np.ndarray]:
+        """The shards' embeddings one shard at a time, so the whole matrix is never in memory twice."""
         for ids_file in sorted(self.folder.glob("shard-*.ids")):
-            docids += ids_file.read_text(encoding="utf-8").split("\n")[:-1]
-            arrays.append(np.load(ids_file.with_suffix(".npy")))
-        if not arrays:
-            return [], np.zeros((0, 0), dtype=np.float32)
-        return docids, np.concatenate(arrays)
+            yield np.load(ids_file.with_suffix(".npy"))
 
     def remove_shards(self) -> None:
         for path in [*self.folder.glob("shard-*"), self.folder / "build.json"]:
@@ -322,34 +321,45 @@ def _encode_shards(model, passages: Collection, shards: _Shards, batch_size: int
     return encoded
 
 
-def _faiss_index(vectors: np.ndarray, kind: FaissKind, hnsw_m: int):
-    """(index, factory string, search defaults) for ``vectors`` under inner product."""
+def _faiss_index(shards: Callable[[], Iterable[np.ndarray]], count: int, kind: FaissKind, hnsw_m: int):
+    """(index, factory string, search defaults): ``count`` vectors under inner product, added shard by shard.
+    ``shards()`` yields the vectors in row order (called twice for IVF-PQ: once to train, once to add)."""
     import faiss
 
-    count, dimension = vectors.shape
+    dimension = next(iter(shards())).shape[1]
+    defaults: dict = {}
     if kind == "flat":
-        index = faiss.IndexFlatIP(dimension)
-        defaults: dict = {}
-        factory = "Flat"
+        index, factory = faiss.IndexFlatIP(dimension), "Flat"
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index, factory = faiss.IndexHNSWFlat(dimension, hnsw_m, faiss.METRIC_INNER_PRODUCT), f"HNSW{hnsw_m},Flat"
         index.hnsw.efConstruction = 200
         defaults = {"ef_search": 256}
-        factory = f"HNSW{hnsw_m},Flat"
     else:
         if count < IVFPQ_MIN_PASSAGES:
             raise InputError(f"IVF-PQ needs at least {IVFPQ_MIN_PASSAGES:,} passages to train its quantisers, "
                              f"got {count:,}; use --faiss flat (exact) for a collection this small")
         nlist = max(1, min(int(4 * math.sqrt(count)), count // 39))
         sub_quantizers = next(m for m in (dimension // 8, dimension // 4, dimension // 2, dimension)
-                              if dimension % m == 0 and m > 0)
+                              if m > 0 and dimension % m == 0)
         bits = 8 if count >= 256 * 39 else 4
         factory = f"IVF{nlist},PQ{sub_quantizers}x{bits}"
         index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
+        index.train(_training_sample(shards(), count, limit=max(256, nlist) * 256))
         defaults = {"nprobe": max(1, min(nlist, 32))}
-    index.add(vectors)
+    for vectors in shards():
+        index.add(vectors)
     return index, factory, defaults
+
+
+def _training_sample(shards: Iterable[np.ndarray], count: int, limit: int) -> np.ndarray:
+    """At most ``limit`` vectors spread evenly over all ``count`` (the first ones may be one kind of passage)."""
+    step = max(1, count // limit)
+    taken, seen = [], 0
+    for vectors in shards:
+        offset = (-seen) % step
+        taken.append(vectors[offset::step])
+        seen += len(vectors)
+    return np.ascontiguousarray(np.concatenate(taken)[:limit])
 
 
 def _write_index(folder: Path, index, docids: list[str], info: DenseIndexInfo) -> None:
