@@ -22,8 +22,9 @@ def load_quietly(path):
         return rankshrink.load_model(path)
 
 
-def test_full_network_equals_transformers_on_a_tiny_random_bert(tmp_path):
-    hf_model, tokenizer = tiny_hf_cross_encoder(tmp_path / "tiny")
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu"])
+def test_full_network_equals_transformers_on_a_tiny_random_bert(tmp_path, act):
+    hf_model, tokenizer = tiny_hf_cross_encoder(tmp_path / "tiny", act=act)
     model = load_quietly(tmp_path / "tiny")
     queries, passages = pairs(12)
     expected = hf_scores(hf_model, tokenizer, queries, passages)
