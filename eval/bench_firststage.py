@@ -204,7 +204,9 @@ def render_dense(dense: dict) -> list[str]:
     if retrieval:
         scores = retrieval["scores"]
         lines += [
-            "Dense retrieval over the whole pool (10,852 passages), 43 dl19 queries encoded in fp32:", "",
+            "Dense retrieval over the whole pool (10,852 passages), 43 dl19 queries encoded in fp32; the fp32 pool "
+            "index is built by `rankshrink index --recipe indexes/dl19-minilm.yaml --dtype fp32 --index "
+            "indexes/dl19-minilm-fp32`:", "",
             "| pool encoded in | nDCG@10 | R@100 |", "| --- | --- | --- |",
             *[f"| {name} | {scores[name]['ndcg@10']:.4f} | {scores[name]['recall@100']:.4f} |" for name in ("fp32", "bf16")],
             "", f"The two runs share {retrieval['top10_overlap']:.1%} of each query's top 10 on average. So "
