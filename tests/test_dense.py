@@ -47,7 +47,7 @@ def test_dense_top10_equals_brute_force_numpy_inner_product(small_dense_index, t
 
 def test_real_minilm_top10_equals_brute_force_and_finds_a_passage_by_its_own_text(tmp_path):
     encoder = shared_path("models", "all-MiniLM-L6-v2")
-    passages = first_passages(60)
+    passages = first_passages(30)
     collection = write_jsonl(tmp_path / "c.jsonl", passages)
     build_dense_index(collection, tmp_path / "index", encoder, dtype="fp32", device="cpu", progress=False)
     dense = DenseSearcher(tmp_path / "index", device="cpu")
@@ -57,7 +57,7 @@ def test_real_minilm_top10_equals_brute_force_and_finds_a_passage_by_its_own_tex
         assert_same_ranking(got[qid], top)
     assert next(iter(got["1"])) == passages[7]["id"]
     info = json.loads((tmp_path / "index" / "dense.json").read_text())
-    assert info["dimension"] == 384 and info["similarity"] == "cosine" and info["documents"] == 60
+    assert info["dimension"] == 384 and info["similarity"] == "cosine" and info["documents"] == 30
 
 
 def test_search_and_batch_search_agree_and_empty_query_has_no_hits(small_dense_index):
@@ -150,7 +150,7 @@ def test_a_second_build_of_the_same_index_at_once_is_refused(tmp_path, tiny_enco
 def test_hnsw_and_ivfpq_keep_recall_against_flat():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(50, 64))
-    vectors = (centres[rng.integers(0, 50, 5000)] + 0.5 * rng.normal(size=(5000, 64))).astype(np.float32)
+    vectors = (centres[rng.integers(0, 50, 2000)] + 0.5 * rng.normal(size=(2000, 64))).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     queries = vectors[:100] + 0.1 * rng.normal(size=(100, 64)).astype(np.float32)
     def shards(vectors=vectors):  # as the build hands them over: in pieces
