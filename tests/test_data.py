@@ -152,3 +152,12 @@ def test_real_dl19_files(dl19):
     assert len(collection) == 10852
     first_docid = next(iter(run["19335"]))
     assert collection[first_docid]
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    import os
+    path = tmp_path / "run.trec"
+    write_run({"q": {"d": 1.0}}, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
