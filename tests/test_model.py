@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rankshrink
 from conftest import shared_path
 from rankshrink.model import ModelConfig, UninitializedWeightsWarning, save_model
-from test_model_fixtures import QUERIES, hf_scores, pairs, tiny_dir, tiny_hf_cross_encoder  # noqa: F401
+from test_model_fixtures import (QUERIES, hf_scores, pairs, spread_scores, tiny_dir,  # noqa: F401
+                                 tiny_hf_cross_encoder)
 
 GRID = [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (0.5, 0.75, 1.0)]
 
@@ -45,7 +46,7 @@ def test_full_network_equals_transformers_on_minilm(tmp_path, dl19):
 
     minilm = shared_path("models", "all-MiniLM-L6-v2")
     with pytest.warns(UninitializedWeightsWarning, match="classifier.weight"):
-        model = rankshrink.load_model(minilm)   # a BertModel: the classifier is new
+        model = spread_scores(rankshrink.load_model(minilm))   # a BertModel: the classifier is new
     topics = list(read_topics(dl19 / "topics.tsv").values())[:4]
     passages = ["The Manhattan Project was a research and development undertaking during World War II.",
                 "Cats are small, carnivorous mammals that are often kept as pets. " * 6,
@@ -67,6 +68,7 @@ def test_full_network_equals_transformers_on_minilm(tmp_path, dl19):
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "minilm").eval()
     with torch.no_grad():
         expected = classifier(**batch).logits.squeeze(-1)
+    assert expected.std() > 0.1
     assert (model.score(queries, texts, max_length=96) - expected).abs().max() <= 1e-5
 
 

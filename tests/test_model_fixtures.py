@@ -66,3 +66,13 @@ def pairs(n: int = 12) -> tuple[list[str], list[str]]:
 def tiny_dir(tmp_path) -> Path:
     tiny_hf_cross_encoder(tmp_path / "tiny")
     return tmp_path / "tiny"
+
+
+def spread_scores(model, seed: int = 0):
+    """Give a model whose classifier was just initialised (N(0, 0.02): scores all within ~0.01) a classifier
+    with N(0, 1) weights, so its scores spread over several units and a 1e-5 comparison is a real test."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight = model.head.classifier.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator).to(weight.dtype))
+    return model

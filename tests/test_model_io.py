@@ -13,7 +13,8 @@ from conftest import shared_path
 from rankshrink.errors import InputError
 from rankshrink.model import (UninitializedWeightsWarning, export_hf, export_onnx, head_neuron_importance, rewire,
                               save_model)
-from test_model_fixtures import hf_scores, pairs, tiny_dir, tiny_hf_cross_encoder, tiny_tokenizer  # noqa: F401
+from test_model_fixtures import (hf_scores, pairs, spread_scores, tiny_dir,  # noqa: F401
+                                 tiny_hf_cross_encoder, tiny_tokenizer)
 
 
 def load_quietly(path):
@@ -195,7 +196,7 @@ def test_onnx_export_scores_like_the_dynamic_model(saved, tmp_path):
 def test_minilm_subnetwork_exports_with_the_same_scores(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    model = load_quietly(shared_path("models", "all-MiniLM-L6-v2"))
+    model = spread_scores(load_quietly(shared_path("models", "all-MiniLM-L6-v2")))
     export_hf(model, tmp_path / "minilm-small", width=0.5, depth=0.75)
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "minilm-small").eval()
     queries = ["what is the daily life of thai people", "rsv disease symptoms"] * 3
@@ -203,4 +204,5 @@ def test_minilm_subnetwork_exports_with_the_same_scores(tmp_path):
                 "The weather today is sunny.", "Bangkok is the capital of Thailand.", "Respiratory syncytial virus",
                 "x"]
     expected = model.score(queries, passages, width=0.5, depth=0.75)
+    assert expected.std() > 0.1
     assert (hf_scores(hf, model.tokenizer, queries, passages) - expected).abs().max() <= 1e-5
