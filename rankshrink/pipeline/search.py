@@ -1,0 +1,533 @@
+"""``Pipeline``: a first stage and a reranker behind one call, with a per-query latency budget.
+
+>>> from rankshrink.pipeline import Pipeline
+>>> pipeline = Pipeline(index="indexes/dl19-passages", model="../shared/models/all-MiniLM-L6-v2",
+...                     collection="../shared/trec-dl/dl19/passages.jsonl", candidates=100)
+>>> hits = pipeline.search("what is durable medical equipment", k=10, budget_ms=200)
+>>> hits[0]
+Hit(docid='...', score=..., rank=1, text='...')
+
+How queries share the machine (admission). Reranks run **one at a time per model**, in arrival order,
+each on every core torch has: on a small CPU, two reranks at once only slow each other down. A query
+that arrives while others rerank waits its turn, and the wait counts against its budget. So that
+waiting queries still finish in time, and so that a query ranks the same under load as alone, the
+reranker's configuration is chosen from a **fixed share** of the budget, not from the time left:
+
+    rerank share = (budget_ms - overhead_ms) / concurrency
+
+where ``concurrency`` is how many queries the caller runs at once (``batch_search`` raises it to its
+``threads``) and ``overhead_ms`` is set aside for the query's own first stage and text fetch. With at
+most ``concurrency`` queries in flight, each waits for at most ``concurrency - 1`` reranks of at most
+one share each (the engine's deadline holds every rerank to its share), so the whole query ends within
+its budget, and the configuration, and hence the ranking, does not depend on the load. The price: a
+pipeline declared for 4 concurrent queries reranks each with a quarter of the budget even when it is
+alone. If more queries arrive than declared, a query gets ``min(share, time left)``: the budget still
+holds, but its ranking may then differ from the unloaded one.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data import Collection, Run, Topics, open_collection, trec_order
+from ..errors import InputError
+
+FirstStageKind = Literal["bm25", "dense", "hybrid"]
+Dtype = Literal["auto", "bf16", "fp32"]
+DEFAULT_OVERHEAD_MS = 20.0
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked passage: ``rank`` starts at 1; ``text`` is the passage as it was scored."""
+
+    docid: str
+    score: float
+    rank: int
+    text: str
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    """Where one query's time went (milliseconds, wall clock) and what the reranker did."""
+
+    latency_ms: float            # the whole call: first stage, texts, waiting, reranking
+    first_stage_ms: float        # first-stage search and fetching the candidates' texts
+    queued_ms: float             # waiting for the model while other queries reranked
+    rerank_ms: float
+    budget_ms: float | None      # the query's budget (None: fixed configuration)
+    rerank_budget_ms: float | None   # what the reranker was given: min(share, time left)
+    candidates: int
+    config: dict[str, Any] = field(default_factory=dict)   # width, depth, max_length, ... as the reranker chose
+    deadline_hit: bool = False   # the reranker stopped at its deadline (some candidates kept first-stage order)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text at the boundary
+
+
+def clean_text(text: str | bytes, what: str) -> str:
+    """Text the tokenizer and Lucene accept: bytes are decoded as UTF-8, and invalid UTF-8 (bytes, or the lone
+    surrogates that ``errors="surrogateescape"`` leaves in a str) becomes U+FFFD. Mojibake (``Â°``) is valid
+    text and passes unchanged."""
+    if isinstance(text, (bytes, bytearray)):
+        return bytes(text).decode("utf-8", errors="replace")
+    if not isinstance(text, str):
+        raise InputError(f"{what}: expected a string, got {type(text).__name__} {text!r:.80}")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", errors="replace")
+        return raw.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Admission: one rerank at a time per model, first come first served
+
+
+class _Turns:
+    """A first-come-first-served lock. ``threading.Lock`` lets a newcomer overtake a thread that has waited,
+    which would break the bound on waiting that the budgets rely on; tickets keep arrival order. A waiter
+    interrupted (Ctrl-C in the main thread) gives up its ticket, so the queue never stalls."""
+
+    def __init__(self):
+        self._condition = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            try:
+                while ticket != self._serving:
+                    self._condition.wait()
+            except BaseException:
+                if ticket == self._serving:
+                    self._advance()
+                else:
+                    self._abandoned.add(ticket)
+                raise
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._advance()
+
+    def _advance(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._condition.notify_all()
+
+
+_TURNS: "weakref.WeakKeyDictionary[Any, _Turns]" = weakref.WeakKeyDictionary()
+_TURNS_LOCK = threading.Lock()
+
+
+def turns_of(model: Any) -> _Turns:
+    """The queue of one model, shared by every Pipeline that reranks with it."""
+    with _TURNS_LOCK:
+        turns = _TURNS.get(model)
+        if turns is None:
+            turns = _TURNS[model] = _Turns()
+        return turns
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+class Pipeline:
+    """First stage → reranker, as one object: ``search`` a query, ``batch_search`` topics, or ``rerank`` your
+    own candidates.
+
+    ``index`` is a Lucene index directory or Pyserini prebuilt name (``first_stage="bm25"``, the default), or
+    any first-stage object with ``search(query, k)`` (``BM25``, ``DenseSearcher``, ``HybridSearcher``).
+    ``dense_index`` is the faiss index for ``"dense"`` and ``"hybrid"``. ``model`` is a model directory or
+    hub id, a loaded ``DynamicCrossEncoder``, or a ``rankshrink.rerank.Reranker``; without a model, hits are
+    the first stage's. Passage texts come from ``collection`` (a JSONL/TSV file or ir_datasets id) when
+    given, else from the index. ``width``, ``depth``, ``max_length``, ``exits`` fix the reranker when no
+    budget is given; ``budget_ms`` (here or per call) lets the reranker choose, inside the budget.
+    ``concurrency`` and ``overhead_ms``: see the module's notes on admission.
+
+    >>> pipeline = Pipeline(index="indexes/dl19-passages", model="../shared/models/all-MiniLM-L6-v2",
+    ...                     collection="../shared/trec-dl/dl19/passages.jsonl")
+    >>> [hit.docid for hit in pipeline.search("what is durable medical equipment", k=3)]
+    ['...', '...', '...']
+    >>> run = pipeline.batch_search({"q1": "durable medical equipment"}, k=100)   # a Run, for write_run
+    >>> pipeline.rerank("what is a cat", ["A cat is a small feline.", "Paris is in France."])[0].text
+    'A cat is a small feline.'
+    """
+
+    def __init__(self, index: Any = None, model: Any = None, *, candidates: int = 100,
+                 first_stage: FirstStageKind = "bm25", dense_index: str | Path | None = None,
+                 collection: str | Path | Collection | None = None, width: float = 1.0, depth: float = 1.0,
+                 max_length: int = 256, exits: bool = True, dtype: Dtype = "auto", budget_ms: float | None = None,
+                 concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, threads: int | None = None,
+                 **first_stage_options):
+        if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+            raise InputError(f"candidates must be a positive integer, got {candidates!r}")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise InputError(f"concurrency must be a positive integer, got {concurrency!r}")
+        if not overhead_ms >= 0:
+            raise InputError(f"overhead_ms must be >= 0, got {overhead_ms!r}")
+        _check_budget(budget_ms)
+        self.candidates = candidates
+        self.budget_ms = budget_ms
+        self.concurrency = concurrency
+        self.overhead_ms = float(overhead_ms)
+        self.first_stage = _open_first_stage(index, first_stage, dense_index, first_stage_options)
+        self.collection = collection if collection is None or hasattr(collection, "texts") else \
+            open_collection(collection)
+        self.reranker = None if model is None else _open_reranker(
+            model, width=width, depth=depth, max_length=max_length, candidates=candidates, exits=exits,
+            dtype=dtype, threads=threads)
+        self._turns = turns_of(getattr(self.reranker, "model", self.reranker)) if self.reranker else None
+
+    def __repr__(self) -> str:
+        return (f"Pipeline(first_stage={self.first_stage!r}, reranker={self.reranker!r}, "
+                f"candidates={self.candidates}, concurrency={self.concurrency})")
+
+    # -- searching -------------------------------------------------------------------------------
+
+    def search(self, query: str, k: int = 10, budget_ms: float | None = None) -> list[Hit]:
+        """The best ``k`` passages for ``query``, best first. ``budget_ms`` (default: the pipeline's) bounds the
+        whole call, first stage included. An empty query has no hits.
+
+        >>> pipeline.search("what is durable medical equipment", k=10, budget_ms=100)
+        """
+        return self.search_with_stats(query, k, budget_ms)[0]
+
+    def search_with_stats(self, query: str, k: int = 10, budget_ms: float | None = None,
+                          concurrency: int | None = None) -> tuple[list[Hit], SearchStats]:
+        """``search``, and where the time went (``SearchStats``)."""
+        started = time.perf_counter()
+        _check_k(k)
+        budget_ms = self.budget_ms if budget_ms is None else _check_budget(budget_ms)
+        query = clean_text(query, "query")
+        if self.first_stage is None:
+            raise InputError("this Pipeline has no index: give index= to search, or call rerank(query, docs)")
+        candidates = self.first_stage.search(query, k=self.candidates) if query.strip() else {}
+        texts = self._texts(candidates)
+        first_stage_ms = _ms_since(started)
+        scores, stats = self._rerank(query, candidates, texts, budget_ms, k, started, first_stage_ms,
+                                     concurrency or self.concurrency)
+        return _hits(scores, dict(zip(candidates, texts)), k), stats
+
+    def batch_search(self, topics: Mapping[str, str], k: int | None = None, budget_ms: float | None = None,
+                     threads: int = 1, progress: bool = False, with_stats: bool = False):
+        """Search every topic ({qid: query}); a Run in the topics' order, each query cut to ``k`` (default:
+        every candidate). ``threads`` workers submit queries at once (at least that many are planned for, see
+        admission); each query's budget runs from when a worker takes it. ``with_stats=True`` returns
+        ``(run, {qid: SearchStats})``.
+
+        >>> run = pipeline.batch_search(read_topics("../shared/trec-dl/dl19/topics.tsv"), budget_ms=200)
+        """
+        k = self.candidates if k is None else k
+        _check_k(k)
+        if not isinstance(topics, Mapping):
+            raise InputError(f"topics must be a mapping {{qid: query}}, got {type(topics).__name__}")
+        concurrency = max(self.concurrency, _check_threads(threads))
+
+        def one(qid: str) -> tuple[Run, SearchStats]:
+            hits, stats = self.search_with_stats(clean_text(topics[qid], f"query {qid}"), k, budget_ms, concurrency)
+            return {hit.docid: hit.score for hit in hits}, stats
+
+        results = _map_queries(one, [str(qid) for qid in topics], threads, progress, "searching")
+        run = {qid: results[qid][0] for qid in map(str, topics)}
+        return (run, {qid: results[qid][1] for qid in run}) if with_stats else run
+
+    def rerank_run(self, run: Mapping[str, Mapping[str, float]], topics: Mapping[str, str], k: int | None = None,
+                   budget_ms: float | None = None, threads: int = 1, progress: bool = False,
+                   with_stats: bool = False):
+        """Rerank an existing first-stage Run (e.g. read with ``read_run``): each query's top ``candidates`` by
+        first-stage score, texts from ``collection`` (or the index); the rest follow, in first-stage order, so
+        recall at the run's depth is kept. Each query is cut to ``k`` (default: all). Queries missing from
+        ``topics`` raise ``InputError``.
+
+        >>> reranked = pipeline.rerank_run(read_run("../shared/trec-dl/dl19/runs/bm25.top100.trec"), topics)
+        """
+        if k is not None:
+            _check_k(k)
+        missing = [qid for qid in run if qid not in topics]
+        if missing:
+            raise InputError(f"run query {missing[0]!r} has no topic" +
+                             (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        concurrency = max(self.concurrency, _check_threads(threads))
+
+        def one(qid: str) -> tuple[dict[str, float], SearchStats]:
+            started = time.perf_counter()
+            query = clean_text(topics[qid], f"query {qid}")
+            first_stage = trec_order(run[qid])
+            candidates = dict(first_stage[:self.candidates])
+            texts = self._texts(candidates)
+            scores, stats = self._rerank(query, candidates, texts, self._budget(budget_ms), k or len(candidates),
+                                         started, _ms_since(started), concurrency)
+            floor = min(scores.values(), default=0.0)
+            for position, (docid, _) in enumerate(first_stage[self.candidates:], start=1):
+                scores[docid] = floor - position
+            return dict(trec_order(scores)[:k]), stats
+
+        results = _map_queries(one, list(run), threads, progress, "reranking")
+        reranked = {qid: results[qid][0] for qid in run}
+        return (reranked, {qid: results[qid][1] for qid in run}) if with_stats else reranked
+
+    def rerank(self, query: str, docs: Sequence[str] | Sequence[tuple[str, str]] | Mapping[str, str],
+               top_k: int | None = None, budget_ms: float | None = None) -> list[Hit]:
+        """Rerank your own candidates, best first, as sentence-transformers' ``CrossEncoder.rank`` does.
+        ``docs`` is a list of texts (each hit's ``docid`` is then its position, as a string: ``"0"``, ``"1"``,
+        ...), a list of ``(docid, text)`` pairs, or a ``{docid: text}`` mapping; their order is the
+        first-stage order that a budget falls back on. Duplicate docids raise ``InputError``.
+
+        >>> pipeline.rerank("what is a cat", ["Paris is in France.", "A cat is a small feline."], top_k=1)
+        [Hit(docid='1', score=..., rank=1, text='A cat is a small feline.')]
+        """
+        started = time.perf_counter()
+        if self.reranker is None:
+            raise InputError("this Pipeline has no model: give model= to rerank")
+        top_k = len(docs) if top_k is None else top_k
+        if len(docs):
+            _check_k(top_k)
+        query = clean_text(query, "query")
+        docids, texts = _docs_as_pairs(docs)
+        # first-stage order = the given order: strictly decreasing scores, so trec_order keeps it
+        candidates = {docid: float(len(docids) - position) for position, docid in enumerate(docids)}
+        scores, _ = self._rerank(query, candidates, texts, self._budget(budget_ms), top_k, started,
+                                 _ms_since(started), self.concurrency)
+        return _hits(scores, dict(zip(docids, texts)), top_k)
+
+    # -- the parts ---------------------------------------------------------------------------------
+
+    def _budget(self, budget_ms: float | None) -> float | None:
+        return self.budget_ms if budget_ms is None else _check_budget(budget_ms)
+
+    def _texts(self, candidates: Mapping[str, float]) -> list[str]:
+        if not candidates:
+            return []
+        source = self.collection if self.collection is not None else self.first_stage
+        if source is None or not hasattr(source, "texts"):
+            raise InputError("passage texts are needed to rerank: give collection= (a JSONL/TSV file or an "
+                             "ir_datasets id)")
+        return [clean_text(text, f"passage {docid}") for docid, text in zip(candidates, source.texts(candidates))]
+
+    def _rerank(self, query: str, candidates: dict[str, float], texts: list[str], budget_ms: float | None,
+                top_k: int, started: float, first_stage_ms: float, concurrency: int
+                ) -> tuple[dict[str, float], SearchStats]:
+        """Scores for ``candidates`` from the reranker (the first stage's when there is none), waiting for the
+        model's turn; the reranker gets min(the fixed share of the budget, the time left)."""
+        if self.reranker is None or not candidates:
+            latency = _ms_since(started)
+            return dict(candidates), SearchStats(latency, first_stage_ms, 0.0, 0.0, budget_ms, None,
+                                                 len(candidates))
+        queued_at = time.perf_counter()
+        with self._turns.turn():
+            rerank_started = time.perf_counter()
+            rerank_budget = None
+            if budget_ms is not None:
+                share = (budget_ms - self.overhead_ms) / concurrency
+                left = budget_ms - (rerank_started - started) * 1000
+                rerank_budget = max(0.0, min(share, left))
+            result = self.reranker.rerank(query, candidates, texts, budget_ms=rerank_budget,
+                                          top_k=min(top_k, len(candidates)))
+        finished = time.perf_counter()
+        rerank_stats = result.stats
+        stats = SearchStats(
+            latency_ms=(finished - started) * 1000, first_stage_ms=first_stage_ms,
+            queued_ms=(rerank_started - queued_at) * 1000, rerank_ms=(finished - rerank_started) * 1000,
+            budget_ms=budget_ms, rerank_budget_ms=rerank_budget, candidates=len(candidates),
+            config=dict(rerank_stats.config), deadline_hit=bool(rerank_stats.deadline_hit))
+        return result.scores, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+@dataclass
+class _FixedStats:
+    latency_ms: float
+    config: dict
+    deadline_hit: bool = False
+
+
+@dataclass
+class _FixedResult:
+    scores: dict[str, float]
+    stats: _FixedStats
+
+
+class FixedSizeReranker:
+    """The model at one (width, depth, max_length), with the engine's ``rerank`` shape; no budgets. Stands in
+    for ``rankshrink.rerank.Reranker`` until the engine is there."""
+
+    def __init__(self, model, *, width=1.0, depth=1.0, max_length=256, candidates=100, exits=True, dtype="auto",
+                 threads=None):
+        self.model = model if not isinstance(model, (str, Path)) else _load_checked(model)
+        self.config = {"width": width, "depth": depth, "max_length": max_length, "candidates": candidates,
+                       "exits": False}
+
+    def rerank(self, query, candidates, texts, budget_ms=None, top_k=None):
+        if budget_ms is not None:
+            raise InputError("budget_ms needs the budgeted engine (rankshrink.rerank), which this version lacks")
+        started = time.perf_counter()
+        docids = [docid for docid, _ in trec_order(candidates)][:self.config["candidates"]]
+        by_docid = dict(zip(candidates, texts)) if not isinstance(texts, Mapping) else texts
+        scores = self.model.score(query, [by_docid[d] for d in docids], width=self.config["width"],
+                                  depth=self.config["depth"], max_length=self.config["max_length"]).tolist()
+        ranked = dict(zip(docids, scores))
+        floor = min(scores, default=0.0) - 1.0
+        for position, (docid, _) in enumerate(trec_order(candidates)[len(docids):]):
+            ranked[docid] = floor - position
+        return _FixedResult(ranked, _FixedStats(_ms_since(started), dict(self.config)))
+
+
+def _open_first_stage(index: Any, kind: str, dense_index: Any, options: dict):
+    if index is not None and hasattr(index, "search") and not isinstance(index, (str, Path)):
+        if dense_index is not None or options:
+            raise InputError("index= is already a first-stage object; dense_index= and BM25/fusion options "
+                             "apply only when index= is a path")
+        return index
+    if index is None and dense_index is None:
+        if options:
+            raise InputError(f"first-stage options {sorted(options)} need index= or dense_index=")
+        return None
+    from ..firststage import open_first_stage
+
+    try:
+        return open_first_stage(kind, index=None if index is None else str(index),
+                                dense_index=None if dense_index is None else str(dense_index), **options)
+    except TypeError as error:  # an option open_first_stage does not know
+        raise InputError(f"first stage {kind!r}: {error}") from None
+
+
+def _open_reranker(model: Any, **options):
+    """A ``rankshrink.rerank.Reranker`` for a path, a hub id, a loaded model, or a Reranker as given."""
+    try:
+        from ..rerank import Reranker
+    except ImportError:  # until the budgeted engine lands: the model at a fixed size
+        Reranker = FixedSizeReranker
+
+    if isinstance(model, Reranker):
+        return model
+    if isinstance(model, (str, Path)):
+        model = _load_checked(model)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit:  # a longer max_length would index past the position embeddings
+        options["max_length"] = min(options["max_length"], int(limit))
+    return Reranker(model, **options)
+
+
+def _load_checked(model: str | Path):
+    """``load_model``, and a reranker needs a tokenizer: an HF directory without one is an error naming the
+    files (``load_model`` only warns, as a model can be scored from token ids)."""
+    import warnings
+
+    from ..model import load_model
+    from ..model.io import TOKENIZER_FILES
+
+    path = Path(model)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{path}: missing tokenizer files (expected {' or '.join(TOKENIZER_FILES)}); "
+                         "a reranker tokenizes its input")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no tokenizer files.*")
+        return load_model(model)
+
+
+def _docs_as_pairs(docs: Any) -> tuple[list[str], list[str]]:
+    if isinstance(docs, (str, bytes)):
+        raise InputError("docs must be a list of passages, got a single string")
+    if isinstance(docs, Mapping):
+        items = [(str(docid), text) for docid, text in docs.items()]
+    else:
+        try:
+            docs = list(docs)
+        except TypeError:
+            raise InputError(f"docs must be a list of texts or (docid, text) pairs, got {type(docs).__name__}") \
+                from None
+        if all(isinstance(doc, (str, bytes)) for doc in docs):
+            items = [(str(position), doc) for position, doc in enumerate(docs)]
+        elif all(isinstance(doc, (tuple, list)) and len(doc) == 2 for doc in docs):
+            items = [(str(docid), text) for docid, text in docs]
+        else:
+            bad = next(doc for doc in docs if not isinstance(doc, (str, bytes)))
+            raise InputError(f"docs must be all texts or all (docid, text) pairs, found {bad!r:.80}")
+    docids = [docid for docid, _ in items]
+    if len(set(docids)) != len(docids):
+        seen: set[str] = set()
+        duplicates = list(dict.fromkeys(d for d in docids if d in seen or seen.add(d)))
+        raise InputError(f"duplicate docid(s) in the candidate list: {', '.join(map(repr, duplicates[:5]))}"
+                         + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""))
+    texts = []
+    for docid, text in items:
+        if text is None:
+            raise InputError(f"passage {docid!r} has no text (None)")
+        texts.append(clean_text(text, f"passage {docid!r}"))
+    return docids, texts
+
+
+def _hits(scores: Mapping[str, float], texts: Mapping[str, str], k: int) -> list[Hit]:
+    return [Hit(docid, float(score), rank, texts[docid])
+            for rank, (docid, score) in enumerate(trec_order(scores)[:k], start=1)]
+
+
+def _map_queries(work, qids: list[str], threads: int, progress: bool, desc: str) -> dict:
+    """``work(qid)`` for every qid, on ``threads`` workers; Ctrl-C cancels what has not started."""
+    from tqdm.auto import tqdm
+
+    results = {}
+    with tqdm(total=len(qids), desc=desc, unit="query", disable=not progress, dynamic_ncols=True) as bar:
+        if threads == 1:
+            for qid in qids:
+                results[qid] = work(qid)
+                bar.update()
+            return results
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rankshrink-search")
+        try:
+            futures = {pool.submit(work, qid): qid for qid in qids}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _check_k(k: Any) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+    return k
+
+
+def _check_threads(threads: Any) -> int:
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    return threads
+
+
+def _check_budget(budget_ms: Any) -> float | None:
+    if budget_ms is None:
+        return None
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not budget_ms >= 0 \
+            or budget_ms == float("inf"):
+        raise InputError(f"budget_ms must be a number of milliseconds >= 0 (or None), got {budget_ms!r}")
+    return float(budget_ms)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
