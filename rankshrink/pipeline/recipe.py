@@ -380,6 +380,11 @@ def _ensure_index(recipe: Recipe, progress: bool, log) -> None:
     if section is None or Path(section["index"]).exists():
         return
     log(f"building {section['index']} from {section['collection']}")
+    from ..firststage.jvm import start_jvm
+    from .search import keep_ctrl_c_in_python
+
+    start_jvm()
+    keep_ctrl_c_in_python()
     if section.get("dense"):
         from ..firststage import build_dense_index
 
@@ -413,9 +418,13 @@ def _first_stage_run(recipe: Recipe, topics: Topics, log) -> tuple[Run, dict[str
 def _open_first_stage(search: dict[str, Any]):
     from ..firststage import open_first_stage
 
+    from .search import keep_ctrl_c_in_python
+
     options = {key: search[key] for key in ("k1", "b", "method", "weights", "rrf_k", "depth") if key in search}
-    return open_first_stage(search["first_stage"], index=search.get("index"), dense_index=search.get("dense_index"),
-                            **options)
+    searcher = open_first_stage(search["first_stage"], index=search.get("index"),
+                                dense_index=search.get("dense_index"), **options)
+    keep_ctrl_c_in_python()
+    return searcher
 
 
 def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, progress: bool, log):

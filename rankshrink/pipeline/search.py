@@ -409,10 +409,22 @@ def _open_first_stage(index: Any, kind: str, dense_index: Any, options: dict):
     from ..firststage import open_first_stage
 
     try:
-        return open_first_stage(kind, index=None if index is None else str(index),
-                                dense_index=None if dense_index is None else str(dense_index), **options)
+        first_stage = open_first_stage(kind, index=None if index is None else str(index),
+                                       dense_index=None if dense_index is None else str(dense_index), **options)
     except TypeError as error:  # an option open_first_stage does not know
         raise InputError(f"first stage {kind!r}: {error}") from None
+    keep_ctrl_c_in_python()
+    return first_stage
+
+
+def keep_ctrl_c_in_python() -> None:
+    """The JVM that Pyserini starts installs its own SIGINT handler, which ends the process at once: no
+    KeyboardInterrupt, so no clean-up (temp files stay behind). Hand SIGINT back to Python (main thread only,
+    where Python's handler lives)."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.getsignal(signal.SIGINT))
 
 
 def _open_reranker(model: Any, **options):
