@@ -46,7 +46,8 @@ def test_search_without_a_model_returns_the_first_stage_hits(tiny_world):
 
 
 def test_texts_come_from_the_index_when_no_collection_is_given(tiny_world, pipeline):
-    from_index = Pipeline(index=tiny_world.index, model=pipeline.reranker.model, candidates=20, max_length=64)
+    from_index = Pipeline(index=tiny_world.index, model=pipeline.reranker.model, candidates=20, max_length=64,
+                          dtype="fp32", exits=False)
     assert from_index.search(TOPICS["q2"], k=5) == pipeline.search(TOPICS["q2"], k=5)
 
 
@@ -62,7 +63,8 @@ def test_batch_search_equals_search_query_by_query_and_keeps_the_topic_order(pip
 
 
 def test_rerank_run_reranks_the_top_candidates_and_keeps_the_rest_below(tiny_world):
-    small = Pipeline(model=tiny_world.model, collection=tiny_world.collection, candidates=3, max_length=64)
+    small = Pipeline(model=tiny_world.model, collection=tiny_world.collection, candidates=3, max_length=64,
+                     dtype="fp32", exits=False)
     first_stage = {"q0": {f"d{i}": 10.0 - i for i in range(6)}}
     reranked = small.rerank_run(first_stage, TOPICS)
     ranked = sorted(reranked["q0"], key=reranked["q0"].get, reverse=True)
@@ -149,7 +151,7 @@ def test_bad_construction_raises_input_errors(tiny_world):
 def test_a_first_stage_object_can_be_passed_as_the_index(tiny_world, pipeline):
     searcher = BM25(tiny_world.index)
     given = Pipeline(index=searcher, model=pipeline.reranker.model, collection=tiny_world.collection,
-                     candidates=20, max_length=64)
+                     candidates=20, max_length=64, dtype="fp32", exits=False)
     assert given.first_stage is searcher
     assert given.search(TOPICS["q3"], k=5) == pipeline.search(TOPICS["q3"], k=5)
     with pytest.raises(InputError, match="already a first-stage object"):

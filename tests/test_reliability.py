@@ -160,8 +160,7 @@ def test_a_long_query_and_a_long_passage_with_the_real_minilm(tmp_path):
     assert real.rerank(query[:40], [passage])[0].score == real.rerank(query[:40], [passage + " more"])[0].score
 
 
-def test_invalid_utf8_and_mojibake_are_scored_as_text(tiny_world, tmp_path, pipeline):
-    model = pipeline.reranker.model
+def test_invalid_utf8_and_mojibake_are_scored_as_text(tiny_world, tmp_path):
     passages = {"good": "the cat sat on the mat", "mojibake": "the cat sat at 37Â°C on the mat â€” yes",
                 "invalid": "the cat sat on the mat \udcff\udcfe"}
     path = tmp_path / "bad.jsonl"
@@ -171,7 +170,9 @@ def test_invalid_utf8_and_mojibake_are_scored_as_text(tiny_world, tmp_path, pipe
     from rankshrink.firststage import build_index
 
     build_index(path, tmp_path / "index", threads=1, progress=False)
-    bad = Pipeline(index=tmp_path / "index", model=model, collection=path, max_length=64)
+    bad = Pipeline(index=tmp_path / "index", model=tiny_world.model, collection=path, max_length=64, dtype="fp32",
+                   exits=False)
+    model = bad.reranker.model
     with pytest.warns(UserWarning, match="invalid UTF-8"):
         hits = {hit.docid: hit for hit in bad.search("cat sat on the mat", k=10)}
     assert set(hits) == {"good", "mojibake", "invalid"}

@@ -7,22 +7,24 @@
 >>> hits[0]
 Hit(docid='...', score=..., rank=1, text='...')
 
-How queries share the machine (admission). Reranks run **one at a time per model**, in arrival order,
-each on every core torch has: on a small CPU, two reranks at once only slow each other down. A query
-that arrives while others rerank waits its turn, and the wait counts against its budget. So that
-waiting queries still finish in time, and so that a query ranks the same under load as alone, the
-reranker's configuration is chosen from a **fixed share** of the budget, not from the time left:
+How queries share the machine (admission). Queries run **one at a time per model**, in arrival order:
+each takes its turn for its first stage, its passage texts and its rerank, on every core torch has. On a
+small CPU two reranks at once only slow each other down, and a first stage running beside a rerank slows
+that rerank too, so a query in its turn runs exactly as it would alone. A query that arrives while others
+run waits, and the wait counts against its budget. So that waiting queries still finish in time, and so
+that a query ranks the same under load as alone, the reranker works to a **fixed share** of the budget:
 
-    rerank share = (budget_ms - overhead_ms) / concurrency
+    rerank budget = min(budget_ms / concurrency - overhead_ms, time left)
 
-where ``concurrency`` is how many queries the caller runs at once (``batch_search`` raises it to its
-``threads``) and ``overhead_ms`` is set aside for the query's own first stage and text fetch. With at
-most ``concurrency`` queries in flight, each waits for at most ``concurrency - 1`` reranks of at most
-one share each (the engine's deadline holds every rerank to its share), so the whole query ends within
-its budget, and the configuration, and hence the ranking, does not depend on the load. The price: a
-pipeline declared for 4 concurrent queries reranks each with a quarter of the budget even when it is
-alone. If more queries arrive than declared, a query gets ``min(share, time left)``: the budget still
-holds, but its ranking may then differ from the unloaded one.
+``concurrency`` is how many queries the caller runs at once (``batch_search`` raises it to its
+``threads``); ``overhead_ms`` is set aside in each turn for the first stage and the texts (20 ms covers
+BM25 on a small index with texts from a collection file; raise it for a large index or texts read from
+the index). With at most ``concurrency`` queries in flight, a query waits for at most ``concurrency - 1``
+turns of at most ``budget_ms / concurrency`` each (the engine's deadline holds each rerank to its share),
+so it ends within its budget, and the reranker chooses from the same share whatever the load, so the
+ranking does not depend on it. The price: a pipeline declared for 4 concurrent queries reranks each
+query with a quarter of its budget even when it is alone. If more queries arrive than declared, the time
+left is the smaller: the budget still holds, but the ranking may then differ from the unloaded one.
 """
 from __future__ import annotations
 
@@ -197,7 +199,8 @@ class Pipeline:
         self.reranker = None if model is None else _open_reranker(
             model, width=width, depth=depth, max_length=max_length, candidates=candidates, exits=exits,
             dtype=dtype, threads=threads)
-        self._turns = turns_of(getattr(self.reranker, "model", self.reranker)) if self.reranker else None
+        model_of = getattr(self.reranker, "source_model", getattr(self.reranker, "model", self.reranker))
+        self._turns = turns_of(model_of) if self.reranker is not None else None
 
     def __repr__(self) -> str:
         return (f"Pipeline(first_stage={self.first_stage!r}, reranker={self.reranker!r}, "
@@ -218,22 +221,24 @@ class Pipeline:
         """``search``, and where the time went (``SearchStats``)."""
         started = time.perf_counter()
         _check_k(k)
-        budget_ms = self.budget_ms if budget_ms is None else _check_budget(budget_ms)
+        budget_ms = self._budget(budget_ms)
         query = clean_text(query, "query")
         if self.first_stage is None:
             raise InputError("this Pipeline has no index: give index= to search, or call rerank(query, docs)")
-        candidates = self.first_stage.search(query, k=self.candidates) if query.strip() else {}
-        texts = self._texts(candidates)
-        first_stage_ms = _ms_since(started)
-        scores, stats = self._rerank(query, candidates, texts, budget_ms, k, started, first_stage_ms,
-                                     concurrency or self.concurrency)
-        return _hits(scores, dict(zip(candidates, texts)), k), stats
+
+        def candidates_and_texts() -> tuple[dict[str, float], list[str]]:
+            candidates = self.first_stage.search(query, k=self.candidates) if query.strip() else {}
+            return candidates, self._texts(candidates)
+
+        scores, texts, stats = self._query(query, candidates_and_texts, budget_ms, k, started,
+                                           concurrency or self.concurrency)
+        return _hits(scores, texts, k), stats
 
     def batch_search(self, topics: Mapping[str, str], k: int | None = None, budget_ms: float | None = None,
                      threads: int = 1, progress: bool = False, with_stats: bool = False):
         """Search every topic ({qid: query}); a Run in the topics' order, each query cut to ``k`` (default:
-        every candidate). ``threads`` workers submit queries at once (at least that many are planned for, see
-        admission); each query's budget runs from when a worker takes it. ``with_stats=True`` returns
+        every candidate). ``threads`` workers submit queries at once (admission plans for at least that many);
+        each query's budget runs from when a worker takes it. ``with_stats=True`` returns
         ``(run, {qid: SearchStats})``.
 
         >>> run = pipeline.batch_search(read_topics("../shared/trec-dl/dl19/topics.tsv"), budget_ms=200)
@@ -257,13 +262,14 @@ class Pipeline:
                    with_stats: bool = False):
         """Rerank an existing first-stage Run (e.g. read with ``read_run``): each query's top ``candidates`` by
         first-stage score, texts from ``collection`` (or the index); the rest follow, in first-stage order, so
-        recall at the run's depth is kept. Each query is cut to ``k`` (default: all). Queries missing from
-        ``topics`` raise ``InputError``.
+        recall at the run's depth is kept. Each query is cut to ``k`` (default: all; early exits protect the
+        top 10 then, ``k`` otherwise). Queries missing from ``topics`` raise ``InputError``.
 
         >>> reranked = pipeline.rerank_run(read_run("../shared/trec-dl/dl19/runs/bm25.top100.trec"), topics)
         """
         if k is not None:
             _check_k(k)
+        budget_ms = self._budget(budget_ms)
         missing = [qid for qid in run if qid not in topics]
         if missing:
             raise InputError(f"run query {missing[0]!r} has no topic" +
@@ -274,10 +280,12 @@ class Pipeline:
             started = time.perf_counter()
             query = clean_text(topics[qid], f"query {qid}")
             first_stage = trec_order(run[qid])
-            candidates = dict(first_stage[:self.candidates])
-            texts = self._texts(candidates)
-            scores, stats = self._rerank(query, candidates, texts, self._budget(budget_ms), k or len(candidates),
-                                         started, _ms_since(started), concurrency)
+
+            def candidates_and_texts() -> tuple[dict[str, float], list[str]]:
+                candidates = dict(first_stage[:self.candidates])
+                return candidates, self._texts(candidates)
+
+            scores, _, stats = self._query(query, candidates_and_texts, budget_ms, k, started, concurrency)
             floor = min(scores.values(), default=0.0)
             for position, (docid, _) in enumerate(first_stage[self.candidates:], start=1):
                 scores[docid] = floor - position
@@ -292,7 +300,8 @@ class Pipeline:
         """Rerank your own candidates, best first, as sentence-transformers' ``CrossEncoder.rank`` does.
         ``docs`` is a list of texts (each hit's ``docid`` is then its position, as a string: ``"0"``, ``"1"``,
         ...), a list of ``(docid, text)`` pairs, or a ``{docid: text}`` mapping; their order is the
-        first-stage order that a budget falls back on. Duplicate docids raise ``InputError``.
+        first-stage order that a budget falls back on. Duplicate docids raise ``InputError``. Only the first
+        ``candidates`` documents are reranked; the rest follow in the given order.
 
         >>> pipeline.rerank("what is a cat", ["Paris is in France.", "A cat is a small feline."], top_k=1)
         [Hit(docid='1', score=..., rank=1, text='A cat is a small feline.')]
@@ -300,16 +309,16 @@ class Pipeline:
         started = time.perf_counter()
         if self.reranker is None:
             raise InputError("this Pipeline has no model: give model= to rerank")
-        top_k = len(docs) if top_k is None else top_k
-        if len(docs):
+        if top_k is not None:
             _check_k(top_k)
+        budget_ms = self._budget(budget_ms)
         query = clean_text(query, "query")
         docids, texts = _docs_as_pairs(docs)
         # first-stage order = the given order: strictly decreasing scores, so trec_order keeps it
         candidates = {docid: float(len(docids) - position) for position, docid in enumerate(docids)}
-        scores, _ = self._rerank(query, candidates, texts, self._budget(budget_ms), top_k, started,
-                                 _ms_since(started), self.concurrency)
-        return _hits(scores, dict(zip(docids, texts)), top_k)
+        scores, by_docid, _ = self._query(query, lambda: (candidates, texts), budget_ms, top_k, started,
+                                          self.concurrency)
+        return _hits(scores, by_docid, top_k or len(docids))
 
     # -- the parts ---------------------------------------------------------------------------------
 
@@ -325,33 +334,38 @@ class Pipeline:
                              "ir_datasets id)")
         return [clean_text(text, f"passage {docid}") for docid, text in zip(candidates, source.texts(candidates))]
 
-    def _rerank(self, query: str, candidates: dict[str, float], texts: list[str], budget_ms: float | None,
-                top_k: int, started: float, first_stage_ms: float, concurrency: int
-                ) -> tuple[dict[str, float], SearchStats]:
-        """Scores for ``candidates`` from the reranker (the first stage's when there is none), waiting for the
-        model's turn; the reranker gets min(the fixed share of the budget, the time left)."""
-        if self.reranker is None or not candidates:
+    def _query(self, query: str, candidates_and_texts, budget_ms: float | None, top_k: int | None,
+               started: float, concurrency: int) -> tuple[dict[str, float], dict[str, str], SearchStats]:
+        """One query in the model's turn: ``candidates_and_texts()`` (first stage, texts), then the reranker with
+        min(the fixed share of the budget, the time left). Without a reranker: the first stage's scores."""
+        if self.reranker is None:
+            candidates, texts = candidates_and_texts()
             latency = _ms_since(started)
-            return dict(candidates), SearchStats(latency, first_stage_ms, 0.0, 0.0, budget_ms, None,
-                                                 len(candidates))
+            return dict(candidates), dict(zip(candidates, texts)), SearchStats(
+                latency, latency, 0.0, 0.0, budget_ms, None, len(candidates))
         queued_at = time.perf_counter()
         with self._turns.turn():
+            turn_started = time.perf_counter()
+            candidates, texts = candidates_and_texts()
             rerank_started = time.perf_counter()
             rerank_budget = None
             if budget_ms is not None:
-                share = (budget_ms - self.overhead_ms) / concurrency
+                share = budget_ms / concurrency - self.overhead_ms
                 left = budget_ms - (rerank_started - started) * 1000
                 rerank_budget = max(0.0, min(share, left))
-            result = self.reranker.rerank(query, candidates, texts, budget_ms=rerank_budget,
-                                          top_k=min(top_k, len(candidates)))
+            if candidates:
+                top = None if top_k is None else min(top_k, len(candidates))
+                result = self.reranker.rerank(query, candidates, texts, budget_ms=rerank_budget, top_k=top)
+                scores, config, deadline_hit = result.scores, dict(result.stats.config), result.stats.deadline_hit
+            else:
+                scores, config, deadline_hit = {}, {}, False
         finished = time.perf_counter()
-        rerank_stats = result.stats
         stats = SearchStats(
-            latency_ms=(finished - started) * 1000, first_stage_ms=first_stage_ms,
-            queued_ms=(rerank_started - queued_at) * 1000, rerank_ms=(finished - rerank_started) * 1000,
-            budget_ms=budget_ms, rerank_budget_ms=rerank_budget, candidates=len(candidates),
-            config=dict(rerank_stats.config), deadline_hit=bool(rerank_stats.deadline_hit))
-        return result.scores, stats
+            latency_ms=(finished - started) * 1000, first_stage_ms=(rerank_started - turn_started) * 1000,
+            queued_ms=(turn_started - queued_at) * 1000, rerank_ms=(finished - rerank_started) * 1000,
+            budget_ms=budget_ms, rerank_budget_ms=rerank_budget, candidates=len(candidates), config=config,
+            deadline_hit=bool(deadline_hit))
+        return scores, dict(zip(candidates, texts)), stats
 
 
 # ---------------------------------------------------------------------------------------------
