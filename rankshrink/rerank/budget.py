@@ -1,0 +1,212 @@
+"""Latency budgets: a configuration, a cost model, the profile's Pareto frontier, and the controller.
+
+A **configuration** fixes every knob of one rerank: width, depth, max length, how many first-stage candidates
+to rerank, and the exit risk (None: no early exit). ``rankshrink profile`` (``profiling.py``) measures on this
+machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
+configurations no other beats on both. The **controller** picks, for a budget, the frontier configuration
+with the best dev nDCG whose predicted 95th-percentile latency fits; the engine's deadline covers the
+queries where the prediction is wrong.
+
+The **cost model** is linear in the work a rerank does, which the engine counts (``QueryStats.work``):
+``ms = c_calls + c_pairs·pairs + c_tokens·tokens + c_steps·steps + c_heads·heads + c_w·GFLOPs``, with one
+``c_w`` (ms per GFLOP) per width because narrow matmuls run less efficiently. It is fitted to measured
+reranks by non-negative least squares on relative error.
+
+>>> controller = Controller.from_profile(model.metadata["profile"])      # doctest: +SKIP
+>>> controller.choose(budget_ms=100, candidates=100).config              # doctest: +SKIP
+RerankConfig(width=0.5, depth=0.5, max_length=128, candidates=30, exit_risk=0.1)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import InputError
+
+WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Every knob of one rerank. ``exit_risk``: the calibrated probability that a document the full depth
+    would put in the top k leaves early (None: no early exit)."""
+
+    width: float = 1.0
+    depth: float = 1.0
+    max_length: int = 256
+    candidates: int = 100
+    exit_risk: float | None = None
+
+    def __post_init__(self):
+        for name in ("width", "depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise InputError(f"{name} must be in (0, 1], got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("max_length", "candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length < 8:
+            raise InputError(f"max_length must be at least 8 tokens, got {self.max_length}")
+        if self.exit_risk is not None:
+            if isinstance(self.exit_risk, bool) or not isinstance(self.exit_risk, (int, float)) \
+                    or not 0 < self.exit_risk < 1:
+                raise InputError(f"exit_risk must be a probability in (0, 1) or None, got {self.exit_risk!r}")
+            object.__setattr__(self, "exit_risk", float(self.exit_risk))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RerankConfig":
+        return cls(**{key: values[key] for key in ("width", "depth", "max_length", "candidates", "exit_risk")
+                      if key in values})
+
+    def label(self) -> str:
+        exits = "off" if self.exit_risk is None else f"{self.exit_risk:g}"
+        return (f"w{self.width:g} d{self.depth:g} L{self.max_length} K{self.candidates} exits {exits}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model
+
+
+@dataclass
+class CostModel:
+    """Milliseconds of one rerank from the work it does. ``ms_per_gflop``: width → ms per GFLOP of layer
+    arithmetic (a width not measured uses the nearest measured one)."""
+
+    coefficients: dict[str, float]
+    ms_per_gflop: dict[float, float]
+
+    def predict(self, work: Mapping[str, float], width: float) -> float:
+        ms = sum(self.coefficients.get(name, 0.0) * float(work.get(name, 0.0)) for name in WORK_FEATURES)
+        return ms + self.gflop_cost(width) * float(work.get("gflops", 0.0))
+
+    def gflop_cost(self, width: float) -> float:
+        if not self.ms_per_gflop:
+            return 0.0
+        nearest = min(self.ms_per_gflop, key=lambda w: (abs(w - width), -w))
+        return self.ms_per_gflop[nearest]
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[Mapping[str, float], float, float]]) -> "CostModel":
+        """Fit to ``(work, width, measured ms)`` samples: non-negative coefficients minimising the squared
+        *relative* error, so cheap configurations are predicted as well as dear ones."""
+        import numpy as np
+        from scipy.optimize import nnls
+
+        if len(samples) < 2:
+            raise ValueError(f"a cost model needs at least 2 timed reranks, got {len(samples)}")
+        widths = sorted({float(width) for _, width, _ in samples})
+        rows, targets = [], []
+        for work, width, ms in samples:
+            if ms <= 0:
+                continue
+            row = [float(work.get(name, 0.0)) for name in WORK_FEATURES]
+            row += [float(work.get("gflops", 0.0)) if math.isclose(width, w) else 0.0 for w in widths]
+            rows.append([value / ms for value in row])
+            targets.append(1.0)
+        coefficients, _ = nnls(np.asarray(rows), np.asarray(targets), maxiter=5000)
+        named = {name: float(value) for name, value in zip(WORK_FEATURES, coefficients)}
+        per_width = {w: float(value) for w, value in zip(widths, coefficients[len(WORK_FEATURES):])}
+        return cls(named, per_width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coefficients": dict(self.coefficients),
+                "ms_per_gflop": {f"{w:g}": value for w, value in sorted(self.ms_per_gflop.items())}}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "CostModel":
+        return cls({name: float(v) for name, v in values["coefficients"].items()},
+                   {float(w): float(v) for w, v in values["ms_per_gflop"].items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The frontier and the controller
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One configuration on the profile's frontier: dev nDCG@10 and predicted latency (ms per query of
+    ``config.candidates`` candidates: median, 95th percentile, and the part that does not grow with the
+    number of candidates). ``measured_*``: what timing it for real during the profile gave."""
+
+    config: RerankConfig
+    ndcg: float
+    ms_p50: float
+    ms_p95: float
+    ms_fixed: float = 0.0
+    measured_ms_p50: float | None = None
+    measured_ms_p95: float | None = None
+
+    def predicted_p95(self, candidates: int) -> float:
+        """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper)."""
+        reranked = min(candidates, self.config.candidates)
+        return self.ms_fixed + (self.ms_p95 - self.ms_fixed) * reranked / self.config.candidates
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {**self.config.as_dict(), "ndcg@10": self.ndcg, "ms_p50": self.ms_p50, "ms_p95": self.ms_p95,
+                  "ms_fixed": self.ms_fixed}
+        if self.measured_ms_p50 is not None:
+            values.update(measured_ms_p50=self.measured_ms_p50, measured_ms_p95=self.measured_ms_p95)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "FrontierPoint":
+        return cls(RerankConfig.from_dict(values), float(values["ndcg@10"]), float(values["ms_p50"]),
+                   float(values["ms_p95"]), float(values.get("ms_fixed", 0.0)), values.get("measured_ms_p50"),
+                   values.get("measured_ms_p95"))
+
+
+def pareto_frontier(points: Iterable[FrontierPoint]) -> list[FrontierPoint]:
+    """The points no other point beats on both cost (predicted p95) and nDCG, cheapest first."""
+    frontier: list[FrontierPoint] = []
+    for point in sorted(points, key=lambda p: (p.ms_p95, -p.ndcg)):
+        if not frontier or point.ndcg > frontier[-1].ndcg:
+            frontier.append(point)
+    return frontier
+
+
+@dataclass
+class Controller:
+    """Given a budget, the frontier configuration with the best dev nDCG predicted to fit.
+
+    ``load``: how much slower than at profile time the machine runs now (the engine measures it); the
+    predictions are multiplied by it."""
+
+    frontier: list[FrontierPoint]
+    cost_model: CostModel | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_profile(cls, profile: Mapping[str, Any]) -> "Controller":
+        try:
+            frontier = [FrontierPoint.from_dict(point) for point in profile["frontier"]]
+            cost_model = CostModel.from_dict(profile["cost_model"]) if profile.get("cost_model") else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(f"the model's profile is malformed ({type(error).__name__}: {error}); "
+                             f"run rankshrink profile again") from None
+        if not frontier:
+            raise InputError("the model's profile has an empty frontier; run rankshrink profile again")
+        info = {key: value for key, value in profile.items() if key not in ("frontier", "cost_model")}
+        return cls(pareto_frontier(frontier), cost_model, info)
+
+    def choose(self, budget_ms: float, candidates: int, load: float = 1.0,
+               max_candidates: int | None = None, max_length: int | None = None) -> FrontierPoint:
+        """The best point whose predicted p95 × ``load`` fits ``budget_ms`` for a query of ``candidates``
+        candidates; the cheapest point when none fits. ``max_candidates`` / ``max_length`` cap the chosen
+        configuration (the caller's limits; capping only makes it cheaper)."""
+        chosen = self.frontier[0]
+        for point in self.frontier:
+            if point.predicted_p95(candidates) * load <= budget_ms:
+                chosen = point
+        config = chosen.config
+        if max_candidates is not None and config.candidates > max_candidates:
+            config = replace(config, candidates=max_candidates)
+        if max_length is not None and config.max_length > max_length:
+            config = replace(config, max_length=max_length)
+        return chosen if config == chosen.config else replace(chosen, config=config)

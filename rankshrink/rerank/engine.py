@@ -1,0 +1,643 @@
+"""The reranking engine: one query's candidates through the dynamic cross-encoder, fast, inside a budget.
+
+What makes it fast, in the order the time goes:
+
+* **tokenize once** per query, all pairs in one call of the fast tokenizer (query first, only the passage
+  truncated), and only the candidates that will be reranked;
+* **length-sorted micro-batches**: pairs sorted by length and cut into batches of at most ``batch_tokens``
+  padded tokens with little padding — a few thousand tokens keep oneDNN's matmuls efficient and their
+  activations in cache (one 100-pair batch padded to the longest pair was 2.7× slower, see eval/);
+* **bf16** where the CPU has bf16 arithmetic (AVX512-BF16 / AMX), fp32 elsewhere; the model's fused oneDNN
+  kernels under ``torch.inference_mode``;
+* **layer by layer, with early exit**: after each layer with an exit head, a document whose score is
+  confidently below the current top-k cut leaves (``calibration.py``); the survivors are repacked into
+  micro-batches (trimmed to their new longest pair, small batches merged), so exited documents cost nothing;
+* a **deadline**: before each micro-batch step the engine checks that the step, at the speed measured so far,
+  still fits; when it does not, it stops. Documents keep their latest score (from the last head they passed);
+  the ones no head scored rank below every scored one, in first-stage order.
+
+With a ``budget_ms``, the controller (``budget.py``) picks the configuration from the model's profile and the
+deadline is the budget. Without one, the Reranker's fixed configuration runs with no deadline.
+
+>>> from rankshrink.rerank import Reranker
+>>> reranker = Reranker("models/trec-dl", width=1.0, depth=1.0, max_length=256)       # doctest: +SKIP
+>>> result = reranker.rerank("what is a cat", {"d1": 12.0, "d2": 11.5},
+...                          {"d1": "Paris is in France.", "d2": "A cat is a small feline."}, budget_ms=50)
+>>> max(result.scores, key=result.scores.get), result.stats.latency_ms               # doctest: +SKIP
+('d2', 31.2)
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..data import trec_order
+from ..errors import InputError
+from .budget import Controller, CostModel, FrontierPoint, RerankConfig
+from .calibration import DEFAULT_TOP_K, leaving, margins_for
+
+Dtype = Literal["auto", "bf16", "fp32"]
+
+# Micro-batches: at most this many padded tokens, at most this share of them padding.
+BATCH_TOKENS = 2048
+MAX_PADDING = 0.15
+# Time kept back from a deadline for putting the result together.
+FINISH_MS = 1.0
+# How fast the load estimate follows the latest query (exponential moving average).
+LOAD_SMOOTHING = 0.3
+
+
+@dataclass
+class QueryStats:
+    """What one ``rerank`` call did.
+
+    ``layers_used[i]``: layers run for the i-th candidate in first-stage order (0: not reranked).
+    ``batch_sizes[j]``: rows of each micro-batch at the j-th executed layer (exited documents are gone).
+    ``work``: the counts the cost model reads (pairs, tokens, micro-batch steps, head evaluations, GFLOPs).
+    """
+
+    latency_ms: float
+    config: dict[str, Any]
+    layers_used: list[int]
+    scored: int
+    deadline_hit: bool
+    budget_ms: float | None = None
+    predicted_ms: float | None = None
+    tokenize_ms: float = 0.0
+    batch_sizes: list[list[int]] = field(default_factory=list)
+    work: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"latency_ms": round(self.latency_ms, 3), "config": self.config, "layers_used": self.layers_used,
+                "mean_layers": round(sum(self.layers_used) / len(self.layers_used), 3) if self.layers_used else 0.0,
+                "scored": self.scored, "deadline_hit": self.deadline_hit, "budget_ms": self.budget_ms,
+                "predicted_ms": None if self.predicted_ms is None else round(self.predicted_ms, 3),
+                "tokenize_ms": round(self.tokenize_ms, 3), "batch_sizes": self.batch_sizes,
+                "work": {name: round(value, 6) for name, value in self.work.items()}}
+
+
+@dataclass
+class RerankResult:
+    """``scores``: every candidate's score (unscored candidates below every scored one, in first-stage order)."""
+
+    scores: dict[str, float]
+    stats: QueryStats
+
+    def ranking(self) -> list[str]:
+        """Docids best first (trec_eval's order)."""
+        return [docid for docid, _ in trec_order(self.scores)]
+
+
+@dataclass
+class Trace:
+    """Every head's score for every candidate, no exit taken (what ``profile`` calibrates and simulates
+    from). ``layer_scores[layer][i]``: the exit head after physical ``layer`` (the final head after the last
+    executed layer) on candidate i; ``lengths[i]``: its tokens."""
+
+    layer_scores: dict[int, np.ndarray]
+    final: np.ndarray
+    lengths: list[int]
+    stats: QueryStats
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches
+
+
+def pack(lengths: Sequence[int], positions: Sequence[int] | None = None, batch_tokens: int = BATCH_TOKENS,
+         max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Cut ``positions`` (default: all) into micro-batches, shortest pairs first: a batch grows while its
+    padded size (rows × longest) stays within ``batch_tokens`` and padding within ``max_padding`` of it."""
+    positions = range(len(lengths)) if positions is None else positions
+    groups: list[list[int]] = []
+    for position in sorted(positions, key=lambda p: (lengths[p], p)):
+        if groups and _fits(groups[-1], [position], lengths, batch_tokens, max_padding):
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+    return groups
+
+
+def regroup(groups: Sequence[Sequence[int]], lengths: Sequence[int], batch_tokens: int = BATCH_TOKENS,
+            max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Micro-batches after exits: empty ones dropped, neighbours merged while the merge fits (never split)."""
+    merged: list[list[int]] = []
+    for group in groups:
+        if not group:
+            continue
+        if merged and _fits(merged[-1], group, lengths, batch_tokens, max_padding):
+            merged[-1] = merged[-1] + list(group)
+        else:
+            merged.append(list(group))
+    return merged
+
+
+def _fits(group: Sequence[int], extra: Sequence[int], lengths: Sequence[int], batch_tokens: int,
+          max_padding: float) -> bool:
+    rows = len(group) + len(extra)
+    longest = max(max(lengths[p] for p in group), max(lengths[p] for p in extra))
+    real = sum(lengths[p] for p in group) + sum(lengths[p] for p in extra)
+    return rows * longest <= batch_tokens and rows * longest - real <= max_padding * rows * longest
+
+
+def layer_gflops(model, width: float, length: int, rows: int) -> float:
+    """GFLOPs of one layer at ``width`` on ``rows`` pairs padded to ``length`` tokens (``model.flops``)."""
+    per_layer = (model.flops(width, 1.0, length) - model.head_flops()) / model.config.num_layers
+    return rows * per_layer / 1e9
+
+
+@dataclass
+class _Batch:
+    docs: list[int]                 # positions in the reranked list, one per row
+    hidden: torch.Tensor            # [rows, length, hidden]
+    mask: torch.Tensor | None       # model.attention_mask_for of the padding; None when nothing is padded
+
+    @property
+    def length(self) -> int:
+        return self.hidden.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model in the right dtype, shared by every Reranker on it
+
+_CONVERTED: "weakref.WeakKeyDictionary[Any, dict[torch.dtype, Any]]" = weakref.WeakKeyDictionary()
+_CONVERTED_LOCK = threading.Lock()
+_TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+
+
+def bf16_is_fast() -> bool:
+    from ..firststage.dense import bf16_is_fast as fast
+
+    return fast("cpu")
+
+
+def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise InputError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+    if dtype == "auto":
+        fast = (torch.cuda.is_bf16_supported() if device.type == "cuda" else bf16_is_fast())
+        return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def inference_copy(model, dtype: torch.dtype):
+    """``model`` in eval mode and ``dtype``: the model itself when it already is, else one converted copy
+    per (model, dtype), shared by every Reranker (the caller's model is never changed)."""
+    parameter = next(model.parameters())
+    if parameter.dtype == dtype and not model.training:
+        return model
+    with _CONVERTED_LOCK:
+        copies = _CONVERTED.setdefault(model, {})
+        if dtype not in copies:
+            copies[dtype] = model.clone().to(dtype=dtype).eval()
+        return copies[dtype]
+
+
+def _tokenizer_lock(tokenizer) -> threading.Lock:
+    # A Hugging Face fast tokenizer sets its truncation state on every call: concurrent calls collide.
+    with _CONVERTED_LOCK:
+        lock = _TOKENIZER_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_LOCKS[tokenizer] = threading.Lock()
+        return lock
+
+
+# ---------------------------------------------------------------------------------------------
+# The reranker
+
+
+class Reranker:
+    """Rerank one query's first-stage candidates with a ``DynamicCrossEncoder``.
+
+    ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to the
+    model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first), ``exits`` fix the configuration used
+    when a call gives no budget. ``exits``: True uses the model's calibrated early exits at its default risk
+    (none when the model has no calibration for this width and depth); a float is the exit risk itself
+    (``calibration.py``); False runs every document through every layer. ``dtype``: "auto" (bf16 where the
+    CPU has bf16 arithmetic), "bf16", "fp32". ``threads``: torch intra-op threads, set for the whole process
+    (None leaves torch's setting). ``rerank`` is thread-safe.
+
+    >>> reranker = Reranker(rankshrink.load_model("models/trec-dl"), exits=False, dtype="fp32")   # doctest: +SKIP
+    >>> reranker.rerank("cat", {"a": 2.0, "b": 1.0}, ["Paris is in France.", "A cat."]).ranking()  # doctest: +SKIP
+    ['b', 'a']
+    """
+
+    def __init__(self, model: Any, width: float = 1.0, depth: float = 1.0, max_length: int = 256,
+                 candidates: int = 100, exits: bool | float = True, dtype: Dtype = "auto",
+                 threads: int | None = None, *, batch_tokens: int = BATCH_TOKENS,
+                 profile: Mapping[str, Any] | None = None):
+        if isinstance(model, (str, Path)):
+            from ..model import load_model
+
+            model = load_model(model)
+        if not hasattr(model, "run_layer"):
+            raise InputError(f"model must be a DynamicCrossEncoder or a model directory, got {type(model).__name__}")
+        if model.tokenizer is None:
+            raise InputError("the model has no tokenizer (its directory had none); a reranker tokenizes its input")
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+            torch.set_num_threads(threads)
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise InputError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
+        limit = model.config.max_position_embeddings
+        if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > limit:
+            max_length = limit   # a pair cannot be longer than the position embeddings
+        self.source_model = model
+        self.dtype = resolve_dtype(dtype, next(model.parameters()).device)
+        self.model = inference_copy(model, self.dtype)
+        self.calibration = model.metadata.get("calibration")
+        self.exits = exits
+        self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits))
+        self.threads = threads
+        self.batch_tokens = batch_tokens
+        self._tokenizer_lock = _tokenizer_lock(model.tokenizer)
+        profile = model.metadata.get("profile") if profile is None else profile
+        self.controller = Controller.from_profile(profile) if profile else None
+        self._load = 1.0
+        self._load_lock = threading.Lock()
+        self._step_speeds: dict[float, float] = {}   # width -> ms per GFLOP of the last query's steps
+        self._warned_no_profile = False
+
+    def __repr__(self) -> str:
+        dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        return (f"Reranker({self.config.label()}, dtype={dtype}, "
+                f"profile={'yes' if self.controller else 'no'})")
+
+    def exit_risk_for(self, exits: bool | float) -> float | None:
+        """The exit risk ``exits`` means: None for False, the calibration's default for True (None without one)."""
+        if exits is False or exits is None:
+            return None
+        if exits is True:
+            return float(self.calibration.get("default_risk", 0.05)) if self.calibration else None
+        from .calibration import check_exit_risk
+
+        return check_exit_risk(exits)
+
+    @property
+    def load(self) -> float:
+        """How much slower than at profile time reranks run now (1.0 until measured)."""
+        return self._load
+
+    # -- one query ---------------------------------------------------------------------------------
+
+    def rerank(self, query: str, candidates: Mapping[str, float] | Sequence[str],
+               texts: Mapping[str, str] | Sequence[str], budget_ms: float | None = None,
+               top_k: int | None = None) -> RerankResult:
+        """New scores for ``candidates`` (docid → first-stage score, or docids in first-stage order).
+        ``texts``: docid → passage, or passages aligned with the first-stage order (``trec_order``).
+        ``budget_ms``: None runs the fixed configuration; a number lets the controller choose and holds the
+        call to it (0 returns the first-stage order). ``top_k``: the cut early exits protect (default 10)."""
+        started = time.perf_counter()
+        docids = _first_stage_order(candidates)
+        config, predicted = self.config, None
+        if budget_ms is not None:
+            budget_ms = _check_budget(budget_ms)
+            if self.controller is not None:
+                point = self.controller.choose(budget_ms, len(docids), self._load,
+                                               max_candidates=self.config.candidates,
+                                               max_length=self.config.max_length)
+                config = point.config
+                predicted = point.predicted_p95(len(docids)) * self._load
+            elif not self._warned_no_profile:
+                self._warned_no_profile = True
+                warnings.warn("the model has no profile (run rankshrink profile): budgets run the fixed "
+                              "configuration, stopped at the deadline", stacklevel=2)
+        return self._run(started, query, docids, texts, config, top_k, budget_ms, predicted)
+
+    def rerank_config(self, query: str, candidates: Mapping[str, float] | Sequence[str],
+                      texts: Mapping[str, str] | Sequence[str], config: RerankConfig, top_k: int | None = None,
+                      deadline_ms: float | None = None) -> RerankResult:
+        """``rerank`` at an explicit configuration (what the profile and the benchmarks time), with an
+        optional deadline in milliseconds from now."""
+        started = time.perf_counter()
+        return self._run(started, query, _first_stage_order(candidates), texts, config, top_k, deadline_ms, None)
+
+    def _run(self, started: float, query: str, docids: list[str], texts: Mapping[str, str] | Sequence[str],
+             config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None
+             ) -> RerankResult:
+        top_k = DEFAULT_TOP_K if top_k is None else _check_top_k(top_k)
+        deadline = None
+        if budget_ms is not None:
+            budget_ms = _check_budget(budget_ms)
+            deadline = started + max(0.0, budget_ms - FINISH_MS) / 1000
+        reranked = docids[:config.candidates]
+        passages = _texts_for(reranked, docids, texts)
+        if budget_ms == 0 or not reranked:
+            outcome = None
+        else:
+            outcome = self._score(query, passages, config, top_k, deadline, record=False)
+        return self._result(docids, reranked, outcome, config, started, budget_ms, predicted)
+
+    def trace(self, query: str, passages: Sequence[str], config: RerankConfig) -> Trace:
+        """Every head's score on every passage at ``config`` (no exit, no deadline), for calibration."""
+        outcome = self._score(query, list(passages), replace(config, exit_risk=None), DEFAULT_TOP_K, None,
+                              record=True)
+        stats = QueryStats(outcome.elapsed_ms, self._config_dict(config, None), outcome.layers_used.tolist(),
+                           len(passages), False, tokenize_ms=outcome.tokenize_ms, batch_sizes=outcome.batch_sizes,
+                           work=outcome.work)
+        final = outcome.scores.numpy().astype(np.float64)
+        return Trace({layer: scores.numpy().astype(np.float64) for layer, scores in outcome.layer_scores.items()},
+                     final, outcome.lengths, stats)
+
+    # -- the work ----------------------------------------------------------------------------------
+
+    def _margins(self, config: RerankConfig) -> dict[int, float] | None:
+        if config.exit_risk is None:
+            return None
+        layers = self.model.layers_for(config.depth)
+        exit_layers = [layer for layer in layers[:-1] if self.model.has_exit(layer)]
+        return margins_for(self.calibration, config.width, config.depth, config.max_length, exit_layers,
+                           config.exit_risk)
+
+    def _score(self, query: str, passages: list[str], config: RerankConfig, top_k: int, deadline: float | None,
+               record: bool) -> "_Outcome":
+        model = self.model
+        began = time.perf_counter()
+        outcome = _Outcome(torch.full((len(passages),), math.nan), torch.zeros(len(passages), dtype=torch.long))
+        if deadline is not None and time.perf_counter() >= deadline:
+            outcome.deadline_hit = True
+            return outcome.finish(began)
+        with self._tokenizer_lock:
+            encoded = model.encode([query] * len(passages), passages, config.max_length)
+        outcome.tokenize_ms = (time.perf_counter() - began) * 1000
+        ids, types = encoded["input_ids"], encoded["token_type_ids"]
+        lengths = [len(row) for row in ids]
+        outcome.lengths = lengths
+        work = outcome.work
+        work.update(calls=1, pairs=len(passages), tokens=sum(lengths), steps=0, heads=0, gflops=0.0)
+        margins = self._margins(config)
+        layers = model.layers_for(config.depth)
+        # Heads after every exit layer: to decide exits, to leave a score when the deadline stops, to record.
+        heads_everywhere = bool(margins) or deadline is not None or record
+        ms_per_gflop = self._step_speed_prior(config.width)
+        with torch.inference_mode():
+            batches = [self._embed(group, ids, types, lengths) for group in pack(lengths, None, self.batch_tokens)]
+            for position, layer in enumerate(layers):
+                last = position == len(layers) - 1
+                head = last or (heads_everywhere and model.has_exit(layer))
+                sizes = []
+                for batch in batches:
+                    gflops = layer_gflops(model, config.width, batch.length, len(batch.docs))
+                    if deadline is not None and time.perf_counter() + gflops * ms_per_gflop / 1000 > deadline:
+                        outcome.deadline_hit = True
+                        break
+                    step_started = time.perf_counter()
+                    batch.hidden = model.run_layer(layer, batch.hidden, batch.mask, config.width)
+                    rows = torch.tensor(batch.docs)
+                    if head:
+                        scores = model.final_score(batch.hidden) if last else model.exit_score(layer, batch.hidden)
+                        outcome.scores[rows] = scores.float()
+                        if record and not last:
+                            outcome.layer_scores.setdefault(layer, torch.full((len(passages),), math.nan))[rows] = \
+                                scores.float()
+                        work["heads"] += len(batch.docs)
+                    outcome.layers_used[rows] = position + 1
+                    step_ms = (time.perf_counter() - step_started) * 1000
+                    ms_per_gflop = 0.5 * ms_per_gflop + 0.5 * step_ms / max(gflops, 1e-9) if ms_per_gflop else \
+                        step_ms / max(gflops, 1e-9)
+                    sizes.append(len(batch.docs))
+                    work["steps"] += 1
+                    work["gflops"] += gflops
+                outcome.batch_sizes.append(sizes)
+                if outcome.deadline_hit or last:
+                    break
+                if margins and layer in margins:
+                    batches = self._exit(batches, outcome.scores, top_k, margins[layer], lengths)
+        self._remember_step_speed(config.width, ms_per_gflop)
+        return outcome.finish(began)
+
+    def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
+        length = max(lengths[p] for p in group)
+        input_ids = np.full((len(group), length), self.model.config.pad_token_id, dtype=np.int64)
+        token_types = np.zeros((len(group), length), dtype=np.int64)
+        for row, position in enumerate(group):
+            input_ids[row, :lengths[position]] = ids[position]
+            token_types[row, :lengths[position]] = types[position]
+        hidden = self.model.embed(torch.from_numpy(input_ids), torch.from_numpy(token_types))
+        return _Batch(list(group), hidden, self._mask([lengths[p] for p in group], length))
+
+    def _mask(self, lengths: list[int], length: int) -> torch.Tensor | None:
+        if all(n == length for n in lengths):
+            return None
+        valid = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+        return self.model.attention_mask_for(valid)
+
+    def _exit(self, batches: list[_Batch], scores: torch.Tensor, top_k: int, margin: float,
+              lengths: list[int]) -> list[_Batch]:
+        """Drop the documents that leave; repack the rest (trim to the longest left, merge small batches)."""
+        running = [doc for batch in batches for doc in batch.docs]
+        leave = leaving(scores[torch.tensor(running)], top_k, margin)
+        if not bool(leave.any()):
+            return batches
+        gone = {doc for doc, out in zip(running, leave.tolist()) if out}
+        kept = [[doc for doc in batch.docs if doc not in gone] for batch in batches]
+        where = {doc: (index, row) for index, batch in enumerate(batches) for row, doc in enumerate(batch.docs)}
+        result = []
+        for group in regroup(kept, lengths, self.batch_tokens):
+            sources = sorted({where[doc][0] for doc in group})
+            if len(sources) == 1 and batches[sources[0]].docs == group:
+                result.append(batches[sources[0]])
+                continue
+            length = max(lengths[doc] for doc in group)
+            pieces = []
+            for index in sources:
+                rows = [where[doc][1] for doc in group if where[doc][0] == index]
+                hidden = batches[index].hidden
+                if len(rows) != hidden.shape[0]:
+                    hidden = hidden.index_select(0, torch.tensor(rows))
+                if hidden.shape[1] > length:
+                    hidden = hidden[:, :length]
+                elif hidden.shape[1] < length:
+                    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+                pieces.append(hidden)
+            hidden = pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces)
+            result.append(_Batch(group, hidden, self._mask([lengths[doc] for doc in group], length)))
+        return result
+
+    # -- speed and load ----------------------------------------------------------------------------
+
+    def _step_speed_prior(self, width: float) -> float:
+        """ms per GFLOP expected for the first micro-batch step (0: unknown, no step is refused before one ran)."""
+        if width in self._step_speeds:
+            return self._step_speeds[width]
+        if self.controller is not None and self.controller.cost_model is not None:
+            return self.controller.cost_model.gflop_cost(width) * self._load
+        return 0.0
+
+    def _remember_step_speed(self, width: float, ms_per_gflop: float) -> None:
+        if ms_per_gflop > 0:
+            with self._load_lock:
+                self._step_speeds = {**self._step_speeds, width: ms_per_gflop}
+
+    def _observe(self, config: RerankConfig, work: Mapping[str, float], elapsed_ms: float) -> None:
+        cost_model = self.controller.cost_model if self.controller is not None else None
+        if cost_model is None or not work:
+            return
+        predicted = cost_model.predict(work, config.width)
+        if predicted < 1.0:
+            return
+        ratio = min(8.0, max(0.25, elapsed_ms / predicted))
+        with self._load_lock:
+            self._load = (1 - LOAD_SMOOTHING) * self._load + LOAD_SMOOTHING * ratio
+
+    # -- the answer --------------------------------------------------------------------------------
+
+    def _config_dict(self, config: RerankConfig, margins_used: bool | None) -> dict[str, Any]:
+        exits = bool(margins_used) if margins_used is not None else config.exit_risk is not None
+        return {"width": config.width, "depth": config.depth, "max_length": config.max_length,
+                "candidates": config.candidates, "exits": exits,
+                "exit_risk": config.exit_risk if exits else None,
+                "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
+
+    def _result(self, docids: list[str], reranked: list[str], outcome: "_Outcome | None", config: RerankConfig,
+                started: float, budget_ms: float | None, predicted: float | None) -> RerankResult:
+        values = outcome.scores.tolist() if outcome is not None else [math.nan] * len(reranked)
+        scores = assemble(docids, values)
+        layers_used = (outcome.layers_used.tolist() if outcome is not None else [0] * len(reranked))
+        layers_used += [0] * (len(docids) - len(reranked))
+        scored = sum(1 for value in values if not math.isnan(value))
+        latency_ms = (time.perf_counter() - started) * 1000
+        stats = QueryStats(
+            latency_ms=latency_ms, config=self._config_dict(config, bool(self._margins(config))),
+            layers_used=layers_used, scored=scored,
+            deadline_hit=bool(outcome.deadline_hit) if outcome is not None else budget_ms is not None and bool(reranked),
+            budget_ms=budget_ms, predicted_ms=predicted,
+            tokenize_ms=outcome.tokenize_ms if outcome is not None else 0.0,
+            batch_sizes=outcome.batch_sizes if outcome is not None else [],
+            work=dict(outcome.work) if outcome is not None else {})
+        if outcome is not None:
+            self._observe(config, outcome.work, latency_ms)
+        return RerankResult(scores, stats)
+
+    # -- a whole run -------------------------------------------------------------------------------
+
+    def rerank_run(self, run: Mapping[str, Mapping[str, float]], topics: Mapping[str, str], collection: Any,
+                   budget_ms: float | None = None, progress: bool = True, top_k: int | None = None
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, QueryStats]]:
+        """Rerank every query of a Run: ``(new run, {qid: QueryStats})``. ``collection``: a ``Collection``,
+        a path to one, or any mapping docid → text. Texts are read before each query's clock starts."""
+        from tqdm.auto import tqdm
+
+        from ..data import open_collection
+
+        missing = [qid for qid in run if qid not in topics]
+        if missing:
+            raise InputError(f"run query {missing[0]!r} has no topic" +
+                             (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if isinstance(collection, (str, Path)):
+            collection = open_collection(collection)
+        reranked_run: dict[str, dict[str, float]] = {}
+        stats: dict[str, QueryStats] = {}
+        for qid in tqdm(list(run), desc="reranking", unit="query", disable=not progress, dynamic_ncols=True):
+            docids = [docid for docid, _ in trec_order(run[qid])][:self.config.candidates]
+            texts = dict(zip(docids, _read_texts(collection, docids)))
+            result = self.rerank(topics[qid], run[qid], texts, budget_ms=budget_ms, top_k=top_k)
+            reranked_run[qid] = result.scores
+            stats[qid] = result.stats
+        return reranked_run, stats
+
+
+@dataclass
+class _Outcome:
+    scores: torch.Tensor                 # [n] latest head score, NaN where no head ran
+    layers_used: torch.Tensor            # [n] layers run
+    deadline_hit: bool = False
+    tokenize_ms: float = 0.0
+    elapsed_ms: float = 0.0
+    lengths: list[int] = field(default_factory=list)
+    batch_sizes: list[list[int]] = field(default_factory=list)
+    work: dict[str, float] = field(default_factory=dict)
+    layer_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def finish(self, began: float) -> "_Outcome":
+        self.elapsed_ms = (time.perf_counter() - began) * 1000
+        return self
+
+
+def assemble(docids: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """Scores for every candidate (``docids`` in first-stage order): ``values[i]`` for the first
+    ``len(values)`` where it is a number; the rest, and NaNs, below the lowest score, in first-stage order."""
+    scored = [value for value in values if not math.isnan(value)]
+    floor = min(scored) - 1.0 if scored else 0.0
+    scores: dict[str, float] = {}
+    unscored = 0
+    for position, docid in enumerate(docids):
+        value = values[position] if position < len(values) else math.nan
+        if math.isnan(value):
+            scores[docid] = floor - unscored
+            unscored += 1
+        else:
+            scores[docid] = float(value)
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking input
+
+
+def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[str]:
+    if isinstance(candidates, Mapping):
+        return [docid for docid, _ in trec_order(candidates)]
+    if isinstance(candidates, (str, bytes)):
+        raise InputError("candidates must be a mapping docid → first-stage score or a list of docids, got a string")
+    docids = list(candidates)
+    if len(set(docids)) != len(docids):
+        seen: set[str] = set()
+        duplicates = list(dict.fromkeys(d for d in docids if d in seen or seen.add(d)))
+        raise InputError(f"duplicate docid(s) among the candidates: {', '.join(map(repr, duplicates[:5]))}"
+                         + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""))
+    return docids
+
+
+def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] | Sequence[str]) -> list[str]:
+    if isinstance(texts, Mapping):
+        missing = [docid for docid in reranked if docid not in texts]
+        if missing:
+            raise InputError(f"no text for candidate {missing[0]!r}" +
+                             (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        chosen = [texts[docid] for docid in reranked]
+    else:
+        if isinstance(texts, (str, bytes)):
+            raise InputError("texts must be a mapping docid → text or a list of texts, got a string")
+        texts = list(texts)
+        if len(texts) != len(docids):
+            raise InputError(f"{len(texts)} texts for {len(docids)} candidates; expected one text per candidate, "
+                             f"in first-stage order")
+        chosen = texts[:len(reranked)]
+    for docid, text in zip(reranked, chosen):
+        if not isinstance(text, str):
+            raise InputError(f"the text of candidate {docid!r} is {type(text).__name__}, expected a string")
+    return chosen
+
+
+def _read_texts(collection: Any, docids: list[str]) -> list[str]:
+    if hasattr(collection, "texts"):
+        return collection.texts(docids)
+    missing = [docid for docid in docids if docid not in collection]
+    if missing:
+        raise InputError(f"docid {missing[0]!r} is not in the collection" +
+                         (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return [collection[docid] for docid in docids]
+
+
+def _check_budget(budget_ms: Any) -> float:
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not 0 <= budget_ms < math.inf:
+        raise InputError(f"budget_ms must be a number of milliseconds >= 0 (or None), got {budget_ms!r}")
+    return float(budget_ms)
+
+
+def _check_top_k(top_k: Any) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+    return top_k

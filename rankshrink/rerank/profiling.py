@@ -1,0 +1,315 @@
+"""``rankshrink profile``: measure on this machine what every configuration costs and what nDCG@10 it buys on
+dev data, calibrate the early exits, and keep the Pareto frontier with the model.
+
+How, without running every configuration on every query:
+
+1. **Trace** each (width, depth, max length) once on the dev queries: every candidate through every layer,
+   every exit head's score recorded, each query timed (these are the first timings of the cost model).
+2. **Calibrate** the exit margins of each (width, depth, max length) from its traces (``calibration.py``).
+3. **Simulate** every number of candidates × exit risk from the traces: the engine's own exit rule and
+   micro-batch packing replayed on the recorded scores give each query's ranking (→ nDCG@10 against the dev
+   qrels) and the work it would do (→ latency, through the cost model fitted to step 1's timings).
+4. Keep the **frontier**, then **time it for real**: each frontier configuration reranks dev queries through
+   the engine; the cost model is refitted on all timings and the frontier recomputed.
+
+Dev data must not be the test set: calibrate and profile on TREC DL 2021, quote numbers on DL 2019.
+
+>>> result = profile(model, read_run(".../dl21/runs/bm25.top100.trec"), read_topics(".../dl21/topics.tsv"),
+...                  open_collection(".../dl21/passages.jsonl"), read_qrels(".../dl21/qrels.txt"))  # doctest: +SKIP
+>>> save_profile("models/trec-dl", result)                                                # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import Qrels, Run, Topics, atomic_write, trec_order
+from ..errors import InputError
+from .budget import CostModel, FrontierPoint, RerankConfig, pareto_frontier
+from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving, margins_for
+from .engine import BATCH_TOKENS, Reranker, Trace, assemble, layer_gflops, pack, regroup
+
+DEFAULT_MAX_LENGTHS = (64, 128, 256)
+DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
+DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.3)
+# exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
+DEFAULT_RISK_TOLERANCE = 0.005
+
+
+@dataclass
+class ProfileResult:
+    """What ``profile`` found: ``calibration`` and ``profile`` (saved in the model's metadata under those
+    keys) and ``points``, every simulated configuration (for plots; not saved with the model)."""
+
+    calibration: dict[str, Any]
+    profile: dict[str, Any]
+    points: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _DevQuery:
+    qid: str
+    query: str
+    docids: list[str]          # first-stage order, as many as the largest candidates setting
+    all_docids: list[str]      # every candidate of the run, first-stage order
+    texts: list[str]
+
+
+def dev_queries(run: Run, topics: Topics, collection: Any, qrels: Qrels, candidates: int,
+                queries: int | None = None) -> list[_DevQuery]:
+    """The judged queries of ``run`` (sorted by qid; ``queries`` of them, evenly spread, when given)."""
+    qids = sorted(qid for qid in run if qid in qrels and qid in topics)
+    if not qids:
+        raise InputError("no query of the run is both judged (in the qrels) and in the topics: nothing to profile on")
+    if queries is not None and queries < len(qids):
+        step = len(qids) / queries
+        qids = [qids[int(i * step)] for i in range(queries)]
+    result = []
+    for qid in qids:
+        ordered = [docid for docid, _ in trec_order(run[qid])]
+        top = ordered[:candidates]
+        texts = collection.texts(top) if hasattr(collection, "texts") else [collection[d] for d in top]
+        result.append(_DevQuery(qid, topics[qid], top, ordered, texts))
+    return result
+
+
+def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | None, model, top_k: int,
+             batch_tokens: int = BATCH_TOKENS, flops_cache: dict | None = None) -> tuple[list[float], dict[str, float]]:
+    """Replay the engine on a trace (budget mode: heads after every exit layer): each reranked candidate's
+    score (NaN: none) and the work counts the cost model reads."""
+    count = min(config.candidates, len(trace.lengths))
+    lengths = trace.lengths[:count]
+    layers = model.layers_for(config.depth)
+    values = torch.full((count,), math.nan)
+    work = {"calls": 1, "pairs": count, "tokens": sum(lengths), "steps": 0, "heads": 0, "gflops": 0.0}
+    if count == 0:
+        return [], work
+    cache = flops_cache if flops_cache is not None else {}
+    groups = pack(lengths, None, batch_tokens)
+    for position, layer in enumerate(layers):
+        last = position == len(layers) - 1
+        head = last or model.has_exit(layer)
+        for group in groups:
+            length = max(lengths[p] for p in group)
+            key = (config.width, length)
+            if key not in cache:
+                cache[key] = layer_gflops(model, config.width, length, 1)
+            work["steps"] += 1
+            work["gflops"] += cache[key] * len(group)
+        running = [p for group in groups for p in group]
+        if head:
+            source = trace.final if last else trace.layer_scores[layer]
+            index = torch.tensor(running)
+            values[index] = torch.from_numpy(source[:count]).float()[index]
+            work["heads"] += len(running)
+        if last:
+            break
+        if margins and layer in margins:
+            leave = leaving(values[torch.tensor(running)], top_k, margins[layer])
+            if bool(leave.any()):
+                gone = {p for p, out in zip(running, leave.tolist()) if out}
+                groups = regroup([[p for p in group if p not in gone] for group in groups], lengths, batch_tokens)
+    return values.tolist(), work
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else 0.0
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
+            widths: Sequence[float] | None = None, depths: Sequence[float] | None = None,
+            max_lengths: Sequence[int] = DEFAULT_MAX_LENGTHS, candidates: Sequence[int] = DEFAULT_CANDIDATES,
+            exit_risks: Sequence[float | None] = DEFAULT_EXIT_RISKS, dtype: str = "auto",
+            threads: int | None = None, queries: int | None = None, time_queries: int = 20,
+            top_k: int = DEFAULT_TOP_K, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
+            dev_name: str = "dev") -> ProfileResult:
+    """Calibrate exits and profile every (width × depth × max length × candidates × exit risk) on dev data.
+
+    ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``queries``:
+    profile on this many dev queries (default: all judged ones); ``time_queries``: how many of them time each
+    frontier configuration for real. Returns a ``ProfileResult``; ``save_profile`` stores it with the model."""
+    from tqdm.auto import tqdm
+
+    from ..metrics import evaluate
+
+    widths = sorted(set(float(w) for w in (widths or model.config.widths)))
+    depths = sorted(set(float(d) for d in (depths or model.config.depths)))
+    max_lengths = sorted(set(int(n) for n in max_lengths))
+    candidates = sorted(set(int(k) for k in candidates))
+    risks = sorted(set(exit_risks), key=lambda r: -1.0 if r is None else r)
+    limit = model.config.max_position_embeddings
+    if max_lengths[-1] > limit:
+        raise InputError(f"max length {max_lengths[-1]} is longer than the model's {limit} positions")
+    for k in candidates:
+        RerankConfig(candidates=k)
+    for risk in risks:
+        if risk is not None:
+            RerankConfig(exit_risk=risk)
+    started = time.time()
+    machine = _machine()
+    reranker = Reranker(model, exits=False, dtype=dtype, threads=threads, batch_tokens=batch_tokens, profile={})
+    dev = dev_queries(run, topics, collection, qrels, candidates[-1], queries)
+    dev_qrels = {query.qid: qrels[query.qid] for query in dev}
+
+    # 1. traces
+    bases = [(w, d, n) for w in widths for d in depths for n in max_lengths]
+    traces: dict[tuple[float, float, int], list[Trace]] = {}
+    samples: list[tuple[dict, float, float]] = []
+    with tqdm(total=len(bases) * len(dev), desc="tracing", unit="query", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for w, d, n in bases:
+            config = RerankConfig(w, d, n, candidates[-1])
+            traces[(w, d, n)] = []
+            for query in dev:
+                trace = reranker.trace(query.query, query.texts, config)
+                traces[(w, d, n)].append(trace)
+                samples.append((trace.stats.work, w, trace.stats.latency_ms))
+                bar.update()
+
+    # 2. calibration
+    entries = []
+    for (w, d, n), query_traces in traces.items():
+        margins = calibrate_margins([t.layer_scores for t in query_traces], [t.final for t in query_traces], top_k)
+        entries.append({"width": w, "depth": d, "max_length": n, "margins": margins})
+    calibration = {"top_k": top_k, "levels": list(LEVELS), "dev": dev_name, "queries": len(dev),
+                   "dtype": "bf16" if reranker.dtype == torch.bfloat16 else "fp32", "entries": entries,
+                   "default_risk": None}
+    model.metadata["calibration"] = calibration
+    reranker.calibration = calibration
+
+    # 3. simulation
+    grid = [RerankConfig(w, d, n, k, risk) for (w, d, n) in bases for k in candidates for risk in risks]
+    simulated: dict[RerankConfig, tuple[Run, list[dict]]] = {}
+    flops_cache: dict = {}
+    for config in tqdm(grid, desc="simulating", unit="config", disable=not progress, dynamic_ncols=True):
+        margins = reranker._margins(config)
+        if config.exit_risk is not None and not margins:
+            continue  # no exit layer runs at this depth, or nothing calibrated: same as exits off
+        config_run, works = {}, []
+        for query, trace in zip(dev, traces[(config.width, config.depth, config.max_length)]):
+            values, work = simulate(trace, config, margins, reranker.model, top_k, batch_tokens, flops_cache)
+            config_run[query.qid] = assemble(query.all_docids, values)
+            works.append(work)
+        simulated[config] = (config_run, works)
+    names = {config: f"c{i}" for i, config in enumerate(simulated)}
+    evaluation = evaluate(dev_qrels, {names[c]: r for c, (r, _) in simulated.items()}, ["ndcg@10"])
+    ndcg = {config: evaluation.scores[names[config]]["ndcg@10"] for config in simulated}
+
+    def points_with(cost_model: CostModel) -> dict[RerankConfig, FrontierPoint]:
+        points = {}
+        for config, (_, works) in simulated.items():
+            predicted = [cost_model.predict(work, config.width) for work in works]
+            points[config] = FrontierPoint(config, ndcg[config], _percentile(predicted, 50),
+                                           _percentile(predicted, 95), cost_model.coefficients.get("calls", 0.0))
+        return points
+
+    # 4. frontier, timed for real
+    cost_model = CostModel.fit(samples)
+    frontier = pareto_frontier(points_with(cost_model).values())
+    timing = dev[:time_queries] if time_queries else []
+    measured: dict[RerankConfig, list[float]] = {}
+    if timing:
+        with tqdm(total=len(frontier) * len(timing), desc="timing", unit="query", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for point in frontier:
+                budget = 10 * point.ms_p95 + 1000   # a deadline far away: heads as in budget mode, no stop
+                for query in timing:
+                    result = reranker.rerank_config(query.query, query.docids, query.texts, point.config, top_k,
+                                                    deadline_ms=budget)
+                    measured.setdefault(point.config, []).append(result.stats.latency_ms)
+                    samples.append((result.stats.work, point.config.width, result.stats.latency_ms))
+                    bar.update()
+        cost_model = CostModel.fit(samples)
+    points = points_with(cost_model)
+    for config, times in measured.items():
+        points[config] = replace(points[config], measured_ms_p50=_percentile(times, 50),
+                                 measured_ms_p95=_percentile(times, 95))
+    frontier = pareto_frontier(points.values())
+
+    full = RerankConfig(widths[-1], depths[-1], max_lengths[-1], candidates[-1], None)
+    calibration["default_risk"] = _default_risk(ndcg, full, risks)
+    reference = points.get(full)
+    profile_data = {
+        "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1), "machine": machine,
+        "dtype": calibration["dtype"], "threads": torch.get_num_threads(), "batch_tokens": batch_tokens,
+        "top_k": top_k, "dev": dev_name, "queries": len(dev), "timed_queries": len(timing),
+        "grid": {"widths": widths, "depths": depths, "max_lengths": max_lengths, "candidates": candidates,
+                 "exit_risks": risks},
+        "cost_model": cost_model.to_dict(),
+        "reference": None if reference is None else reference.to_dict(),
+        "frontier": [point.to_dict() for point in frontier],
+    }
+    all_points = [point.to_dict() for point in points.values()]
+    return ProfileResult(calibration, profile_data, all_points)
+
+
+def _default_risk(ndcg: Mapping[RerankConfig, float], full: RerankConfig, risks: Sequence[float | None]) -> float | None:
+    """The largest exit risk that costs the full network at most DEFAULT_RISK_TOLERANCE of dev nDCG@10."""
+    if full not in ndcg:
+        return None
+    chosen = None
+    for risk in risks:
+        config = replace(full, exit_risk=risk)
+        if risk is not None and config in ndcg and ndcg[config] >= ndcg[full] - DEFAULT_RISK_TOLERANCE:
+            chosen = risk
+    return chosen
+
+
+def save_profile(directory: str | os.PathLike, result: ProfileResult) -> Path:
+    """Store the calibration and profile in a rankshrink model directory's ``rankshrink.json`` (atomically;
+    everything else in it is kept)."""
+    from ..model.io import MANIFEST
+
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise InputError(f"{directory}: not a rankshrink model directory (no {MANIFEST}); save the model with "
+                         f"rankshrink.model.save_model first, or give --output")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(f"{manifest_path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    metadata = manifest.get("metadata") or {}
+    metadata["calibration"] = result.calibration
+    metadata["profile"] = result.profile
+    manifest["metadata"] = metadata
+    with atomic_write(manifest_path) as out:
+        out.write(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return manifest_path
+
+
+def frontier_table(profile_data: Mapping[str, Any]) -> str:
+    """The frontier as a Markdown table."""
+    lines = ["| width | depth | max length | candidates | exit risk | dev nDCG@10 | predicted ms p50 | p95 | "
+             "measured ms p50 | p95 |", "| " + " | ".join(["---"] * 10) + " |"]
+    for point in profile_data["frontier"]:
+        measured = (f"{point['measured_ms_p50']:.1f} | {point['measured_ms_p95']:.1f}"
+                    if point.get("measured_ms_p50") is not None else "– | –")
+        risk = "off" if point["exit_risk"] is None else f"{point['exit_risk']:g}"
+        lines.append(f"| {point['width']:g} | {point['depth']:g} | {point['max_length']} | {point['candidates']} | "
+                     f"{risk} | {point['ndcg@10']:.4f} | {point['ms_p50']:.1f} | {point['ms_p95']:.1f} | {measured} |")
+    return "\n".join(lines)

@@ -1,0 +1,283 @@
+"""The reranking engine on tiny random cross-encoders (and once on MiniLM): exact scores with exits off, exits
+that really shrink the batch, the deadline's fallback order, thread safety, bad input."""
+from __future__ import annotations
+
+import math
+import random
+import threading
+
+import pytest
+import torch
+
+import rankshrink
+from rankshrink.data import trec_order
+from rankshrink.errors import InputError
+from rankshrink.rerank import Reranker, RerankConfig
+from rankshrink.rerank.calibration import LEVELS
+from rankshrink.rerank.engine import assemble, pack, regroup
+from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def candidates_and_texts(count: int = 30, seed: int = 1) -> tuple[dict[str, float], dict[str, str]]:
+    """First-stage scores (with ties, so trec_order's tie-break matters) and passages of varied length."""
+    rng = random.Random(seed)
+    candidates = {f"d{i:02d}": float(count - i // 2) for i in range(count)}
+    texts = {docid: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for docid in candidates}
+    return candidates, texts
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return spread_scores(rankshrink.load_model(tiny_dir))
+
+
+def with_margins(model, margin: float = 0.0):
+    """A calibration that lets every document below the cut leave (margin ``margin`` at every level)."""
+    layers = [str(layer) for layer in model.config.exit_layers]
+    model.metadata["calibration"] = {
+        "top_k": 3, "levels": list(LEVELS), "default_risk": 0.1,
+        "entries": [{"width": w, "depth": d, "max_length": 64, "margins": {layer: [margin] * len(LEVELS) for layer in layers}}
+                    for w in (0.5, 1.0) for d in (0.5, 0.75, 1.0)]}
+    return model
+
+
+def test_exits_off_fp32_scores_equal_model_score(tiny):
+    candidates, texts = candidates_and_texts()
+    order = [docid for docid, _ in trec_order(candidates)]
+    expected = tiny.score("what is the capital of france", [texts[d] for d in order], max_length=24)
+    for batch_tokens in (40, 2048):   # many small micro-batches, and one
+        reranker = Reranker(tiny, max_length=24, exits=False, dtype="fp32", batch_tokens=batch_tokens)
+        result = reranker.rerank("what is the capital of france", candidates, texts)
+        got = torch.tensor([result.scores[d] for d in order])
+        assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+        assert result.stats.scored == len(order) and not result.stats.deadline_hit
+        assert result.stats.layers_used == [tiny.config.num_layers] * len(order)
+    small = Reranker(tiny, max_length=24, exits=False, dtype="fp32", batch_tokens=40).rerank("cat", candidates, texts)
+    assert len(small.stats.batch_sizes[0]) > len(result.stats.batch_sizes[0]) + 3
+
+
+@pytest.mark.parametrize("width, depth", [(0.5, 1.0), (1.0, 0.5), (0.5, 0.75)])
+def test_exits_off_fp32_scores_equal_model_score_at_every_size(tiny, width, depth):
+    candidates, texts = candidates_and_texts(12)
+    order = [docid for docid, _ in trec_order(candidates)]
+    expected = tiny.score("why is the sky blue", [texts[d] for d in order], width=width, depth=depth, max_length=32)
+    result = Reranker(tiny, width=width, depth=depth, max_length=32, exits=False, dtype="fp32",
+                      batch_tokens=64).rerank("why is the sky blue", candidates, texts)
+    assert torch.allclose(torch.tensor([result.scores[d] for d in order]), expected, atol=1e-5, rtol=0)
+    assert len(result.stats.batch_sizes) == len(tiny.layers_for(depth))
+
+
+def test_texts_may_be_a_list_in_first_stage_order(tiny):
+    candidates, texts = candidates_and_texts(10)
+    order = [docid for docid, _ in trec_order(candidates)]
+    reranker = Reranker(tiny, max_length=32, exits=False, dtype="fp32")
+    assert reranker.rerank("cat", candidates, [texts[d] for d in order]).scores == \
+        reranker.rerank("cat", candidates, texts).scores
+
+
+def test_exited_documents_leave_the_batch_and_keep_their_exit_score(tiny):
+    with_margins(tiny, 0.0)
+    candidates, texts = candidates_and_texts(24)
+    order = [docid for docid, _ in trec_order(candidates)]
+    query = "how does a fish swim"
+    reranker = Reranker(tiny, max_length=64, exits=0.1, dtype="fp32", batch_tokens=4096)
+    result = reranker.rerank(query, candidates, texts, top_k=3)
+    stats = result.stats
+    assert stats.config["exits"] and stats.config["exit_risk"] == 0.1
+    running = [sum(sizes) for sizes in stats.batch_sizes]
+    assert running[0] == 24 and running[-1] < running[0]          # fewer rows as layers go
+    assert running == sorted(running, reverse=True)
+    assert sum(stats.layers_used) < 24 * tiny.config.num_layers
+    # With margin 0, after layer l every document below the top-3 cut leaves; the survivors of the last layer
+    # are never more than top_k, and each document's score is the head it stopped at.
+    assert running[-1] <= 3
+    tokens = tiny.tokenize([query] * len(order), [texts[d] for d in order], max_length=64)
+    with torch.inference_mode():
+        out = tiny(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"], exits="all")
+    for position, docid in enumerate(order):
+        used = stats.layers_used[position]
+        layer = used - 1
+        expected = out.score[position] if layer == tiny.config.num_layers - 1 else out.exit_scores[layer][position]
+        assert math.isclose(result.scores[docid], float(expected), abs_tol=1e-5)
+
+
+def test_repacking_after_exits_keeps_the_survivors_scores_exact(tiny):
+    """Trimming, padding and merging micro-batches after exits must not change any survivor's arithmetic."""
+    with_margins(tiny, 0.5)
+    candidates, texts = candidates_and_texts(40, seed=3)
+    order = [docid for docid, _ in trec_order(candidates)]
+    query = "what is the capital of france"
+    result = Reranker(tiny, max_length=64, exits=0.1, dtype="fp32", batch_tokens=120).rerank(
+        query, candidates, texts, top_k=5)
+    full = tiny.score(query, [texts[d] for d in order], max_length=64)
+    finished = [i for i, used in enumerate(result.stats.layers_used) if used == tiny.config.num_layers]
+    assert 0 < len(finished) < len(order)
+    for position in finished:
+        assert math.isclose(result.scores[order[position]], float(full[position]), abs_tol=1e-5)
+
+
+def test_a_budget_of_zero_returns_the_first_stage_order(tiny):
+    candidates, texts = candidates_and_texts(15)
+    result = Reranker(tiny, max_length=32, dtype="fp32").rerank("cat", candidates, texts, budget_ms=0)
+    order = [docid for docid, _ in trec_order(candidates)]
+    assert result.ranking() == order
+    values = [result.scores[d] for d in order]
+    assert all(a > b for a, b in zip(values, values[1:]))
+    assert result.stats.scored == 0 and result.stats.deadline_hit and result.stats.layers_used == [0] * 15
+
+
+def test_unscored_candidates_rank_below_scored_ones_in_first_stage_order(tiny):
+    candidates, texts = candidates_and_texts(30)
+    order = [docid for docid, _ in trec_order(candidates)]
+    reranker = Reranker(tiny, max_length=64, candidates=20, exits=False, dtype="fp32")
+    result = reranker.rerank("cat", candidates, texts)
+    ranking = result.ranking()
+    assert set(ranking[:20]) == set(order[:20]) and ranking[20:] == order[20:]   # beyond `candidates`
+    assert result.stats.layers_used[20:] == [0] * 10
+    # A partly scored list, as a deadline leaves it: NaN = no head reached.
+    values = [1.5, math.nan, -0.5, math.nan, 3.0]
+    scores = assemble(["a", "b", "c", "d", "e", "f"], values)
+    assert [docid for docid, _ in trec_order(scores)] == ["e", "a", "c", "b", "d", "f"]
+
+
+def test_deadlines_always_leave_a_well_formed_ranking(tiny):
+    """Whatever a deadline cuts, scored candidates come first and the rest keep first-stage order."""
+    candidates, texts = candidates_and_texts(60)
+    order = [docid for docid, _ in trec_order(candidates)]
+    reranker = Reranker(tiny, max_length=64, exits=False, dtype="fp32", batch_tokens=64)
+    for budget in (0.0, 0.5, 2.0, 5.0, 20.0, 600_000.0):
+        result = reranker.rerank("why does grass green", candidates, texts, budget_ms=budget)
+        ranking = result.ranking()
+        scored = result.stats.scored
+        assert sorted(ranking) == sorted(order)
+        unscored = [d for d in order if d not in set(ranking[:scored])]
+        assert ranking[scored:] == unscored
+        assert result.stats.deadline_hit or scored == len(order)
+    assert not result.stats.deadline_hit and result.stats.layers_used == [tiny.config.num_layers] * len(order)
+
+
+def test_rerank_is_thread_safe(tiny):
+    with_margins(tiny, 0.2)
+    reranker = Reranker(tiny, max_length=64, exits=0.1, dtype="fp32", batch_tokens=100)
+    queries = ["what is the capital of france", "why is the sky blue", "how does a fish swim", "cat"]
+    inputs = [candidates_and_texts(25, seed=i) for i in range(len(queries))]
+    expected = [reranker.rerank(q, c, t).scores for q, (c, t) in zip(queries, inputs)]
+    results: dict[tuple[int, int], dict] = {}
+    errors = []
+
+    def work(worker: int) -> None:
+        try:
+            for round_ in range(3):
+                index = (worker + round_) % len(queries)
+                results[(worker, round_)] = reranker.rerank(queries[index], *inputs[index]).scores
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for (worker, round_), scores in results.items():
+        assert scores == expected[(worker + round_) % len(queries)]
+
+
+def test_bf16_copy_leaves_the_callers_model_alone_and_ranks_alike(tiny):
+    candidates, texts = candidates_and_texts(20)
+    bf16 = Reranker(tiny, max_length=64, exits=False, dtype="bf16")
+    fp32 = Reranker(tiny, max_length=64, exits=False, dtype="fp32")
+    assert next(tiny.parameters()).dtype == torch.float32 and fp32.model is tiny
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert Reranker(tiny, dtype="bf16").model is bf16.model          # one copy per (model, dtype)
+    a = bf16.rerank("cat", candidates, texts).scores
+    b = fp32.rerank("cat", candidates, texts).scores
+    spread = max(b.values()) - min(b.values())
+    assert max(abs(a[d] - b[d]) for d in b) < 0.05 * spread
+
+
+def test_empty_input_and_empty_query(tiny):
+    reranker = Reranker(tiny, max_length=32, dtype="fp32")
+    assert reranker.rerank("cat", {}, {}).scores == {}
+    candidates, texts = candidates_and_texts(5)
+    assert len(reranker.rerank("", candidates, texts).scores) == 5
+
+
+def test_long_passages_are_truncated_to_max_length(tiny):
+    candidates = {"long": 2.0, "short": 1.0}
+    texts = {"long": " ".join(["cat"] * 500), "short": "a cat"}
+    result = Reranker(tiny, max_length=16, exits=False, dtype="fp32").rerank("cat", candidates, texts)
+    assert result.stats.work["tokens"] <= 32
+    expected = tiny.score("cat", [texts["long"], texts["short"]], max_length=16)
+    assert math.isclose(result.scores["long"], float(expected[0]), abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda r: r.rerank("cat", {"a": 1.0, "b": 0.5}, {"a": "x"}), "no text for candidate 'b'"),
+    (lambda r: r.rerank("cat", ["a", "b", "a"], ["x", "y", "z"]), "duplicate docid(s) among the candidates: 'a'"),
+    (lambda r: r.rerank("cat", {"a": 1.0, "b": 0.5}, ["x"]), "1 texts for 2 candidates"),
+    (lambda r: r.rerank("cat", {"a": 1.0}, {"a": None}), "the text of candidate 'a' is NoneType"),
+    (lambda r: r.rerank("cat", {"a": 1.0}, {"a": "x"}, budget_ms=-1), "budget_ms must be"),
+    (lambda r: r.rerank("cat", {"a": 1.0}, {"a": "x"}, top_k=0), "top_k must be a positive integer"),
+])
+def test_bad_input_raises_input_error(tiny, call, message):
+    with pytest.raises(InputError) as error:
+        call(Reranker(tiny, max_length=32, dtype="fp32"))
+    assert message in str(error.value)
+
+
+def test_bad_construction_raises_input_error(tiny):
+    with pytest.raises(InputError, match="width must be in"):
+        Reranker(tiny, width=0)
+    assert Reranker(tiny, max_length=512).config.max_length == 64      # the model's positions
+    with pytest.raises(InputError, match="exit_risk must be a probability"):
+        Reranker(tiny, exits=2.0)
+    with pytest.raises(InputError, match="dtype must be"):
+        Reranker(tiny, dtype="fp16")
+
+
+def test_exits_true_without_calibration_runs_every_layer(tiny):
+    reranker = Reranker(tiny, max_length=32, dtype="fp32")
+    assert reranker.config.exit_risk is None
+    candidates, texts = candidates_and_texts(10)
+    assert reranker.rerank("cat", candidates, texts).stats.config["exits"] is False
+
+
+def test_pack_and_regroup_cover_every_document_once_within_the_limits():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(200)]
+    groups = pack(lengths, None, batch_tokens=512, max_padding=0.2)
+    assert sorted(p for g in groups for p in g) == list(range(200))
+    for group in groups:
+        longest = max(lengths[p] for p in group)
+        assert len(group) == 1 or len(group) * longest <= 512
+        assert len(group) == 1 or len(group) * longest - sum(lengths[p] for p in group) <= 0.2 * len(group) * longest
+    survivors = [[p for p in g if rng.random() < 0.3] for g in groups]
+    merged = regroup(survivors, lengths, 512, 0.2)
+    assert [p for g in merged for p in g] == [p for g in survivors for p in g]
+    assert len(merged) < len([g for g in survivors if g])
+
+
+def test_minilm_exits_off_fp32_equals_model_score(shared):
+    """The real 6-layer network on real dl19 passages (mojibake included), 100 candidates' worth of lengths."""
+    from rankshrink.data import open_collection, read_run, read_topics
+
+    dl19 = shared / "trec-dl" / "dl19"
+    run = read_run(dl19 / "runs" / "bm25.top100.trec")
+    qid = sorted(run)[0]
+    candidates = dict(trec_order(run[qid])[:40])
+    texts = dict(zip(candidates, open_collection(dl19 / "passages.jsonl").texts(candidates)))
+    model = spread_scores(rankshrink.load_model(shared / "models" / "all-MiniLM-L6-v2"))
+    query = read_topics(dl19 / "topics.tsv")[qid]
+    result = Reranker(model, max_length=128, exits=False, dtype="fp32").rerank(query, candidates, texts)
+    expected = model.score(query, list(texts.values()), max_length=128)
+    got = torch.tensor([result.scores[d] for d in texts])
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+
+
+def test_config_from_reranker_options():
+    assert RerankConfig(0.5, 0.75, 128, 30, 0.1).label() == "w0.5 d0.75 L128 K30 exits 0.1"
+    with pytest.raises(InputError):
+        RerankConfig(candidates=0)
