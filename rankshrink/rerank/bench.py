@@ -36,11 +36,13 @@ PEER = "peer"
 @dataclass(frozen=True)
 class Arm:
     """One rankshrink setting to time: a fixed ``config``, or a ``budget_ms`` for the controller.
-    ``model_exits``: run ``config`` with the model's calibrated default exit risk instead of its own."""
+    ``model_exits``: run ``config`` with the model's calibrated default exit risk instead of its own.
+    ``threads``: intra-op threads for this arm (None: the bench's ``threads``)."""
 
     config: RerankConfig | None = None
     budget_ms: float | None = None
     model_exits: bool = False
+    threads: int | None = None
 
     def __post_init__(self):
         if (self.config is None) == (self.budget_ms is None):
@@ -156,6 +158,22 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
         texts = collection.texts(top) if hasattr(collection, "texts") else [collection[d] for d in top]
         inputs[qid] = (ordered, top, texts)
 
+    def run_arm(arm: Arm, qid: str, top: list[str], texts: list[str]):
+        torch.set_num_threads(arm.threads or threads)
+        if arm.config is None:
+            return reranker.rerank(topics[qid], top, texts, budget_ms=arm.budget_ms, top_k=top_k)
+        config = arm.config
+        if arm.model_exits:
+            config = replace(config, exit_risk=reranker.exit_risk_for(True))
+        return reranker.rerank_config(topics[qid], top, texts, config, top_k)
+
+    # Warm up (first calls pay one-time initialisation), untimed: the peer and every arm on the first query.
+    ordered, top, texts = inputs[qids[0]]
+    torch.set_num_threads(peer_threads)
+    peer.predict([(topics[qids[0]], text) for text in texts], batch_size=peer_batch_size, show_progress_bar=False)
+    for arm in arms.values():
+        run_arm(arm, qids[0], top, texts)
+
     sides = [PEER, *arms]
     latencies: dict[str, list[float]] = {side: [] for side in sides}
     paired: dict[str, list[float]] = {arm: [] for arm in arms}
@@ -182,15 +200,7 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
                         timed[side] = (time.perf_counter() - started) * 1000
                         runs[side][repeat][qid] = assemble(ordered, [float(s) for s in scores])
                     else:
-                        torch.set_num_threads(threads)
-                        arm = arms[side]
-                        if arm.config is not None:
-                            config = arm.config
-                            if arm.model_exits:
-                                config = replace(config, exit_risk=reranker.exit_risk_for(True))
-                            result = reranker.rerank_config(topics[qid], top, texts, config, top_k)
-                        else:
-                            result = reranker.rerank(topics[qid], top, texts, budget_ms=arm.budget_ms, top_k=top_k)
+                        result = run_arm(arms[side], qid, top, texts)
                         timed[side] = result.stats.latency_ms
                         scores = result.scores
                         floor = min(scores.values(), default=0.0)

@@ -210,3 +210,10 @@ class Controller:
         if max_length is not None and config.max_length > max_length:
             config = replace(config, max_length=max_length)
         return chosen if config == chosen.config else replace(chosen, config=config)
+
+    def cheapest_within(self, ndcg: float, drop: float) -> FrontierPoint | None:
+        """The cheapest frontier point whose dev nDCG@10 is at least ``ndcg - drop`` (None if none is)."""
+        for point in self.frontier:
+            if point.ndcg >= ndcg - drop:
+                return point
+        return None

@@ -279,7 +279,8 @@ class Reranker:
         if exits is False or exits is None:
             return None
         if exits is True:
-            return float(self.calibration.get("default_risk", 0.05)) if self.calibration else None
+            risk = (self.calibration or {}).get("default_risk")
+            return None if risk is None else float(risk)
         from .calibration import check_exit_risk
 
         return check_exit_risk(exits)
@@ -484,6 +485,9 @@ class Reranker:
         cost_model = self.controller.cost_model if self.controller is not None else None
         if cost_model is None or not work:
             return
+        profiled_threads = self.controller.info.get("threads")
+        if profiled_threads and profiled_threads != torch.get_num_threads():
+            return   # another thread count runs at another speed: not the load the controller corrects for
         predicted = cost_model.predict(work, config.width)
         if predicted < 1.0:
             return

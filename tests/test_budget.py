@@ -1,0 +1,202 @@
+"""Budgets: exit calibration, the cost model, the frontier and controller, the profile's simulation against the
+engine, and a whole profile of a tiny model saved with it and used by budgeted reranks."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import rankshrink
+from rankshrink.data import trec_order
+from rankshrink.errors import InputError
+from rankshrink.model import save_model
+from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
+from rankshrink.rerank.budget import pareto_frontier
+from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
+from rankshrink.rerank.profiling import profile, save_profile, simulate
+from test_engine import candidates_and_texts, with_margins
+from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    return spread_scores(rankshrink.load_model(tiny_dir))
+
+
+# -- calibration -------------------------------------------------------------------------------
+
+
+def test_leaving_spares_the_top_k_and_those_near_the_cut():
+    scores = torch.tensor([5.0, 4.0, 3.5, 1.0, -3.0])
+    assert leaving(scores, top_k=2, margin=1.0).tolist() == [False, False, False, True, True]
+    assert leaving(scores, top_k=2, margin=10.0).tolist() == [False] * 5
+    assert leaving(scores[:2], top_k=2, margin=0.0).tolist() == [False, False]   # no more than k running
+
+
+def test_margins_are_quantiles_of_how_far_below_the_cut_top_k_documents_were():
+    rng = np.random.default_rng(0)
+    queries, finals = [], []
+    for _ in range(50):
+        final = rng.normal(size=40)
+        queries.append({0: final + rng.normal(scale=1.0, size=40), 2: final + rng.normal(scale=0.1, size=40)})
+        finals.append(final)
+    margins = calibrate_margins(queries, finals, top_k=5)
+    assert set(margins) == {"0", "2"} and len(margins["0"]) == len(LEVELS)
+    for layer in ("0", "2"):   # a smaller miss probability needs a larger margin
+        assert margins[layer] == sorted(margins[layer], reverse=True)
+    assert margins["0"][4] > margins["2"][4]                         # the noisier layer needs more
+    # the calibrated margin at ε lets about ε of the top-5 documents leave, on the data it came from
+    level = LEVELS.index(0.1)
+    missed = total = 0
+    for scores, final in zip(queries, finals):
+        top = np.argsort(-final)[:5]
+        leave = leaving(torch.tensor(scores[0]), 5, margins["0"][level]).numpy()
+        missed += int(leave[top].sum())
+        total += 5
+    assert missed / total <= 0.1 + 1e-9
+
+
+def test_margins_for_splits_the_risk_over_the_exit_layers_and_interpolates():
+    calibration = {"entries": [{"width": 1.0, "depth": 1.0, "max_length": 128,
+                                "margins": {"0": list(np.linspace(5, 0, len(LEVELS))), "1": [1.0] * len(LEVELS)}}]}
+    margins = margins_for(calibration, 1.0, 1.0, 256, [0, 1], exit_risk=0.02)
+    assert margins[1] == 1.0
+    assert math.isclose(margins[0], margin_at(calibration["entries"][0]["margins"]["0"], 0.01))
+    between = margin_at([2.0, 1.0] + [0.0] * (len(LEVELS) - 2), math.sqrt(LEVELS[0] * LEVELS[1]))
+    assert math.isclose(between, 1.5)
+    assert margins_for(calibration, 0.5, 1.0, 256, [0, 1], 0.02) is None       # no entry for this width
+    assert margins_for(None, 1.0, 1.0, 256, [0, 1], 0.02) is None
+
+
+# -- cost model, frontier, controller -----------------------------------------------------------
+
+
+def test_cost_model_recovers_the_costs_of_exact_timings():
+    rng = random.Random(0)
+    truth = {"calls": 2.0, "tokens": 0.01, "steps": 0.3}
+    per_gflop = {0.5: 4.0, 1.0: 3.0}
+    samples = []
+    for _ in range(60):
+        width = rng.choice([0.5, 1.0])
+        work = {"calls": 1, "pairs": 100, "tokens": rng.randint(2000, 20000), "steps": rng.randint(5, 60),
+                "heads": 0, "gflops": rng.uniform(5, 200)}
+        ms = sum(truth[k] * work[k] for k in truth) + per_gflop[width] * work["gflops"]
+        samples.append((work, width, ms))
+    model = CostModel.fit(samples)
+    for work, width, ms in samples:
+        assert math.isclose(model.predict(work, width), ms, rel_tol=1e-3)
+    assert math.isclose(model.ms_per_gflop[0.5], 4.0, rel_tol=1e-2)
+    assert model.gflop_cost(0.6) == model.ms_per_gflop[0.5]           # the nearest measured width
+    assert CostModel.from_dict(json.loads(json.dumps(model.to_dict()))).predict(samples[0][0], samples[0][1]) == \
+        pytest.approx(samples[0][2], rel=1e-3)
+
+
+def point(ms: float, ndcg: float, candidates: int = 100, fixed: float = 0.0) -> FrontierPoint:
+    return FrontierPoint(RerankConfig(candidates=candidates, max_length=int(8 + ms)), ndcg, ms, ms, fixed)
+
+
+def test_pareto_frontier_keeps_what_nothing_beats():
+    points = [point(10, 0.5), point(20, 0.45), point(30, 0.6), point(25, 0.6), point(40, 0.59)]
+    assert [(p.ms_p95, p.ndcg) for p in pareto_frontier(points)] == [(10, 0.5), (25, 0.6)]
+
+
+def test_controller_picks_the_best_point_that_fits_and_the_cheapest_when_none_does():
+    controller = Controller([point(10, 0.5), point(50, 0.6), point(200, 0.7)])
+    assert controller.choose(100, candidates=100).ndcg == 0.6
+    assert controller.choose(200, candidates=100).ndcg == 0.7
+    assert controller.choose(5, candidates=100).ndcg == 0.5                     # the deadline will hold it
+    assert controller.choose(100, candidates=100, load=2.5).ndcg == 0.5          # a busy machine
+    assert controller.choose(110, candidates=50).ndcg == 0.7                     # fewer candidates cost less
+    capped = controller.choose(500, candidates=100, max_candidates=20, max_length=16)
+    assert capped.config.candidates == 20 and capped.config.max_length == 16
+    assert controller.cheapest_within(0.7, 0.1).ndcg == 0.6
+    with pytest.raises(InputError, match="profile is malformed"):
+        Controller.from_profile({"frontier": [{"width": 1.0}]})
+
+
+# -- the simulation is the engine ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("risk", [None, 0.1])
+def test_simulating_a_trace_gives_the_engines_scores_and_work(tiny, risk):
+    with_margins(tiny, 0.3)
+    reranker = Reranker(tiny, max_length=64, dtype="fp32", batch_tokens=100, profile={})
+    candidates, texts = candidates_and_texts(40, seed=5)
+    order = [docid for docid, _ in trec_order(candidates)]
+    query = "what is the capital of france"
+    config = RerankConfig(1.0, 1.0, 64, 30, risk)
+    trace = reranker.trace(query, [texts[d] for d in order], RerankConfig(1.0, 1.0, 64, 40))
+    values, work = simulate(trace, config, reranker._margins(config), reranker.model, top_k=4, batch_tokens=100)
+    result = reranker.rerank_config(query, candidates, texts, config, top_k=4, deadline_ms=600_000)
+    assert not result.stats.deadline_hit
+    got = [result.scores[d] for d in order[:30]]
+    assert np.allclose(got, values, atol=1e-5)
+    for name in ("pairs", "tokens", "steps", "heads"):
+        assert work[name] == result.stats.work[name], name
+    assert math.isclose(work["gflops"], result.stats.work["gflops"], rel_tol=1e-9)
+    if risk is not None:
+        assert result.stats.work["steps"] < len(result.stats.batch_sizes[0]) * tiny.config.num_layers
+
+
+# -- a whole profile -----------------------------------------------------------------------------
+
+
+def tiny_dev(count_queries: int = 4, count_docs: int = 30, seed: int = 11):
+    rng = random.Random(seed)
+    topics = {f"q{i}": " ".join(rng.choice(WORDS) for _ in range(3)) for i in range(count_queries)}
+    collection, run, qrels = {}, {}, {}
+    for qid in topics:
+        run[qid] = {}
+        for i in range(count_docs):
+            docid = f"{qid}-d{i}"
+            collection[docid] = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
+            run[qid][docid] = float(count_docs - i)
+        qrels[qid] = {f"{qid}-d{i}": rng.choice([0, 0, 1, 2, 3]) for i in range(count_docs)}
+    return run, topics, collection, qrels
+
+
+def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
+    directory = tmp_path / "model"
+    save_model(tiny, directory)
+    model = rankshrink.load_model(directory)
+    run, topics, collection, qrels = tiny_dev()
+    result = profile(model, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[0.5, 1.0],
+                     max_lengths=[16, 48], candidates=[10, 30], exit_risks=[None, 0.1], dtype="fp32",
+                     time_queries=2, top_k=3, progress=False)
+    frontier = result.profile["frontier"]
+    assert frontier and [p["ms_p95"] for p in frontier] == sorted(p["ms_p95"] for p in frontier)
+    assert [p["ndcg@10"] for p in frontier] == sorted(p["ndcg@10"] for p in frontier)
+    assert all(p.get("measured_ms_p50") is not None for p in frontier[:1])
+    assert len(result.points) == 2 ** 5                # every (width, depth, length, candidates, risk)
+    assert {(e["width"], e["depth"], e["max_length"]) for e in result.calibration["entries"]} == \
+        {(w, d, n) for w in (0.5, 1.0) for d in (0.5, 1.0) for n in (16, 48)}
+    assert result.profile["reference"]["candidates"] == 30 and result.profile["reference"]["exit_risk"] is None
+
+    save_profile(directory, result)
+    manifest = json.loads((directory / "rankshrink.json").read_text())
+    assert manifest["metadata"]["profile"]["frontier"] == frontier
+    reloaded = rankshrink.load_model(directory)
+    reranker = Reranker(reloaded, max_length=48, dtype="fp32")
+    assert reranker.controller is not None
+    candidates, texts = candidates_and_texts(30)
+    cheapest = Controller.from_profile(result.profile).frontier[0]
+    small = reranker.rerank("cat", candidates, texts, budget_ms=cheapest.ms_p95 / 100)
+    large = reranker.rerank("cat", candidates, texts, budget_ms=600_000)
+    assert small.stats.config["width"] == cheapest.config.width and small.stats.budget_ms > 0
+    best = frontier[-1]
+    assert [large.stats.config[k] for k in ("width", "depth", "candidates")] == \
+        [best["width"], best["depth"], best["candidates"]]
+    assert not large.stats.deadline_hit and large.stats.predicted_ms is not None
+
+
+def test_save_profile_needs_a_rankshrink_directory(tiny_dir, tiny, tmp_path):
+    from rankshrink.rerank.profiling import ProfileResult
+
+    with pytest.raises(InputError, match="not a rankshrink model directory"):
+        save_profile(tiny_dir, ProfileResult({}, {}))
