@@ -69,6 +69,67 @@ def test_threads_searching_at_once_rank_exactly_as_one_thread_does(pipeline):
         {qid: {hit.docid: hit.score for hit in hits} for qid, hits in sequential.items()}
 
 
+def run_at_once(work, count: int = 4, timeout: float = 120) -> list:
+    """``work(number)`` on ``count`` threads released together; their results, or the first error raised."""
+    results: list = [None] * count
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def worker(number: int) -> None:
+        try:
+            start.wait()
+            results[number] = work(number)
+        except BaseException as error:  # noqa: BLE001 - raised below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(number,)) for number in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_threads_with_a_budget_hold_it_and_rank_as_one_thread_does(tiny_world):
+    pytest.importorskip("rankshrink.rerank", reason="budgets need the engine (rankshrink.rerank)")
+    # A budget no rerank of the tiny model comes near even on a loaded machine (timing is for eval/, not tests):
+    # what is checked is the admission arithmetic, the accounting, and that rankings do not move.
+    budget = 20_000.0
+    pipeline = Pipeline(index=tiny_world.index, model=tiny_world.model, collection=tiny_world.collection,
+                        candidates=20, max_length=64, concurrency=4, overhead_ms=20)
+    topics = random_topics(43)
+    sequential = {qid: pipeline.search_with_stats(query, k=10, budget_ms=budget) for qid, query in topics.items()}
+
+    def one_thread(number: int) -> dict:
+        order = list(topics)
+        random.Random(number).shuffle(order)
+        return {qid: pipeline.search_with_stats(topics[qid], k=10, budget_ms=budget) for qid in order}
+
+    for results in run_at_once(one_thread):
+        for qid, (hits, stats) in results.items():
+            assert hits == sequential[qid][0]
+            assert stats.latency_ms <= budget
+            if stats.candidates:   # the reranker got the fixed share, not what the queue happened to leave
+                assert stats.rerank_budget_ms == budget / 4 - 20 == sequential[qid][1].rerank_budget_ms
+                assert not stats.deadline_hit
+                assert stats.latency_ms >= stats.queued_ms + stats.first_stage_ms + stats.rerank_ms - 0.5
+
+
+def test_a_share_of_the_budget_that_leaves_nothing_for_the_reranker_returns_the_first_stage_order(tiny_world):
+    pytest.importorskip("rankshrink.rerank", reason="budgets need the engine (rankshrink.rerank)")
+    from rankshrink.firststage import BM25
+
+    pipeline = Pipeline(index=tiny_world.index, model=tiny_world.model, collection=tiny_world.collection,
+                        candidates=20, max_length=64, concurrency=4, overhead_ms=20)
+    query = TOPICS["q0"]
+    hits, stats = pipeline.search_with_stats(query, k=10, budget_ms=60)     # 60 / 4 - 20 < 0
+    assert stats.rerank_budget_ms == 0
+    assert [hit.docid for hit in hits] == list(BM25(tiny_world.index).search(query, k=10))
+    assert [hit.docid for hit in pipeline.search(query, k=10, budget_ms=2000)] != [hit.docid for hit in hits]
+
+
 def test_reranks_take_turns_in_arrival_order():
     turns = _Turns()
     order: list[int] = []
@@ -246,7 +307,7 @@ def test_ctrl_c_in_the_middle_of_run_leaves_no_partial_file(tiny_world, tmp_path
     path = tmp_path / "slow.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen([sys.executable, "-m", "rankshrink", "run", str(path)], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "rankshrink", "run", str(path)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first_stage = tmp_path / "runs" / "bm25.trec"
