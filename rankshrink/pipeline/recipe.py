@@ -447,7 +447,6 @@ def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, p
                             max_length=section["max_length"],
                             exits=section["exits"], dtype=section["dtype"], concurrency=section["threads"],
                             overhead_ms=section.get("overhead_ms", 20.0))
-        _check_budgets_supported(pipeline, recipe)
         for budget in section["budgets_ms"]:
             name = budget_row_name(budget)
             yield name, *_rerank_one(pipeline, name, first_stage, topics, float(budget), section, progress, log, {})
@@ -459,14 +458,6 @@ def _index_texts(recipe: Recipe):
         raise InputError(f"{recipe.path}: rerank.collection is needed: the candidates come from a run file "
                          f"({recipe.search['run']}), so there is no index to read passages from")
     return _open_first_stage(recipe.search)
-
-
-def _check_budgets_supported(pipeline, recipe: Recipe) -> None:
-    from .search import FixedSizeReranker
-
-    if isinstance(pipeline.reranker, FixedSizeReranker):
-        raise InputError(f"{recipe.path}: rerank.budgets_ms needs the budgeted engine (rankshrink.rerank), "
-                         "which this version lacks; remove budgets_ms or update rankshrink")
 
 
 def _rerank_one(pipeline, name: str, first_stage: Run, topics: Topics, budget_ms: float | None,

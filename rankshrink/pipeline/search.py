@@ -372,44 +372,6 @@ class Pipeline:
 # Helpers
 
 
-@dataclass
-class _FixedStats:
-    latency_ms: float
-    config: dict
-    deadline_hit: bool = False
-
-
-@dataclass
-class _FixedResult:
-    scores: dict[str, float]
-    stats: _FixedStats
-
-
-class FixedSizeReranker:
-    """The model at one (width, depth, max_length), with the engine's ``rerank`` shape; no budgets. Stands in
-    for ``rankshrink.rerank.Reranker`` until the engine is there."""
-
-    def __init__(self, model, *, width=1.0, depth=1.0, max_length=256, candidates=100, exits=True, dtype="auto",
-                 threads=None):
-        self.model = model if not isinstance(model, (str, Path)) else _load_checked(model)
-        self.config = {"width": width, "depth": depth, "max_length": max_length, "candidates": candidates,
-                       "exits": False}
-
-    def rerank(self, query, candidates, texts, budget_ms=None, top_k=None):
-        if budget_ms is not None:
-            raise InputError("budget_ms needs the budgeted engine (rankshrink.rerank), which this version lacks")
-        started = time.perf_counter()
-        docids = [docid for docid, _ in trec_order(candidates)][:self.config["candidates"]]
-        by_docid = dict(zip(candidates, texts)) if not isinstance(texts, Mapping) else texts
-        scores = self.model.score(query, [by_docid[d] for d in docids], width=self.config["width"],
-                                  depth=self.config["depth"], max_length=self.config["max_length"]).tolist()
-        ranked = dict(zip(docids, scores))
-        floor = min(scores, default=0.0) - 1.0
-        for position, (docid, _) in enumerate(trec_order(candidates)[len(docids):]):
-            ranked[docid] = floor - position
-        return _FixedResult(ranked, _FixedStats(_ms_since(started), dict(self.config)))
-
-
 def _open_first_stage(index: Any, kind: str, dense_index: Any, options: dict):
     if index is not None and hasattr(index, "search") and not isinstance(index, (str, Path)):
         if dense_index is not None or options:
@@ -443,10 +405,7 @@ def keep_ctrl_c_in_python() -> None:
 
 def _open_reranker(model: Any, **options):
     """A ``rankshrink.rerank.Reranker`` for a path, a hub id, a loaded model, or a Reranker as given."""
-    try:
-        from ..rerank import Reranker
-    except ImportError:  # until the budgeted engine lands: the model at a fixed size
-        Reranker = FixedSizeReranker
+    from ..rerank import Reranker
 
     if isinstance(model, Reranker):
         return model
