@@ -1,4 +1,4 @@
-"""rankshrink run RECIPE [--queries N] [--check] [--output DIR] [--quiet]"""
+"""rankshrink run RECIPE [--queries N] [--check] [--no-budgets] [--output DIR] [--quiet]"""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,8 @@ def register(subparsers) -> None:
     parser.add_argument("--check", action="store_true",
                         help="compare with the committed results instead of replacing them")
     parser.add_argument("--output", type=Path, help="write results here instead (default: the recipe's output)")
+    parser.add_argument("--no-budgets", action="store_true",
+                        help="skip the budget rows (their scores depend on this machine's speed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     committed = read_results(recipe.output / RESULTS_FILE) if args.check else None
     output = args.output or (recipe.runs / "check" if args.check else None)
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731 - stdout carries the table only
-    results = run_recipe(recipe, output=output, queries=args.queries, progress=not args.quiet, log=log)
+    results = run_recipe(recipe, output=output, queries=args.queries, budgets=not args.no_budgets,
+                         progress=not args.quiet, log=log)
     from ..pipeline.recipe import format_table
 
     print(format_table(results))

@@ -21,7 +21,7 @@ repository root, as in ``indexes/*.yaml``)::
       name: bm25                     # the first stage's row in the table (default: first_stage or run file stem)
       k: 100                         # hits per query (default: rerank.candidates, or 1000 without rerank)
     rerank:                          # optional: without it the recipe evaluates the first stage only
-      model: models/trec-dl-offline  # model directory or Hugging Face id (required)
+      model: models/trec-dl-offline  # model directory or Hugging Face id (default: train.output)
       collection: ../shared/trec-dl/dl19/passages.jsonl    # passage texts (default: the index's stored text)
       candidates: 100                # first-stage candidates reranked per query (default 100)
       max_length: 256                # tokens per (query, passage) pair (default 256)
@@ -138,7 +138,12 @@ def read_recipe(path: str | Path) -> Recipe:
         raise InputError(f"{path}: search.run gives the candidates; drop first_stage / index / dense_index "
                          "(or drop run to search)")
     search.setdefault("name", Path(search["run"]).name.split(".")[0] if "run" in search else search["first_stage"])
-    rerank = _rerank_section(raw.get("rerank"), path)
+    rerank_raw = raw.get("rerank")
+    trained = raw.get("train") or {}
+    if isinstance(rerank_raw, dict) and "model" not in rerank_raw and isinstance(trained, dict) \
+            and isinstance(trained.get("output"), str):
+        rerank_raw = {**rerank_raw, "model": trained["output"]}     # the model the train: section makes
+    rerank = _rerank_section(rerank_raw, path)
     evaluation = _check_keys(dict(raw["eval"]), _EVAL_KEYS, path, "eval.")
     _require(evaluation, "qrels", path, "eval.")
     evaluation.setdefault("metrics", ["ndcg@10", "mrr@10", "map", "recall@100"])
@@ -310,10 +315,11 @@ def read_results(path: str | Path) -> Results:
 
 
 def run_recipe(recipe: Recipe, *, output: str | Path | None = None, queries: int | None = None,
-               progress: bool = True, log=print) -> Results:
+               budgets: bool = True, progress: bool = True, log=print) -> Results:
     """Index (when missing) → first stage → rerank at each configuration and budget → evaluate; writes the runs
     under ``recipe.runs`` and ``results.json``, ``table.md`` and the plot under ``output`` (default:
-    ``recipe.output``). ``queries`` keeps the first N topics (for a quick check).
+    ``recipe.output``). ``queries`` keeps the first N topics (for a quick check); ``budgets=False`` skips the
+    budget rows (they depend on the machine's speed).
 
     >>> results = run_recipe(read_recipe("pipelines/trec-dl-offline.yaml"), queries=5)
     """
@@ -334,7 +340,7 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, queries: int
     rows_info: dict[str, dict[str, Any]] = {recipe.search["name"]: {"kind": "first-stage", **first_stats}}
 
     if recipe.rerank is not None:
-        for name, run, info in _rerank_rows(recipe, model, first_stage, topics, progress, log):
+        for name, run, info in _rerank_rows(recipe, model, first_stage, topics, budgets, progress, log):
             write_run(run, runs_dir / f"{name}.trec", tag=_tag(name))
             with atomic_write(runs_dir / f"{name}.stats.json") as out:
                 json.dump(info.pop("per_query_stats"), out, indent=1)
@@ -364,12 +370,12 @@ def _ensure_model(recipe: Recipe, log) -> str | None:
     if Path(model).exists() or recipe.train is None:
         return model
     try:
-        from ..train import train_from_recipe
+        from ..train import train_recipe
     except ImportError:
         raise InputError(f"{recipe.path}: rerank.model {model} does not exist; it is what the recipe's train: "
                          f"section produces, and this rankshrink cannot train (no rankshrink.train)") from None
-    log(f"{model} does not exist: training it from {recipe.path} first")
-    trained = train_from_recipe(recipe.path, recipe.train)
+    log(f"{model} does not exist: training it from {recipe.path} first (rankshrink train {recipe.path})")
+    trained = train_recipe(recipe.train, log=log)
     if not Path(model).exists():
         raise InputError(f"{recipe.path}: training finished in {trained}, but rerank.model names {model}")
     return model
@@ -427,7 +433,7 @@ def _open_first_stage(search: dict[str, Any]):
     return searcher
 
 
-def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, progress: bool, log):
+def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, budgets: bool, progress: bool, log):
     """(row name, run, info) for each fixed configuration, then each budget."""
     from .search import Pipeline
 
@@ -442,7 +448,7 @@ def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, p
         loaded = pipeline.reranker.model
         yield config["name"], *_rerank_one(pipeline, config["name"], first_stage, topics, None, section, progress,
                                            log, {k: config[k] for k in ("width", "depth", "max_length")})
-    if section["budgets_ms"]:
+    if section["budgets_ms"] and budgets:
         pipeline = Pipeline(model=loaded or model, collection=texts, candidates=section["candidates"],
                             max_length=section["max_length"],
                             exits=section["exits"], dtype=section["dtype"], concurrency=section["threads"],
@@ -637,6 +643,10 @@ class Difference:
     tolerance: float
 
     def __str__(self) -> str:
+        if self.metric == "(row)":
+            return f"{self.row}: not in the committed results"
+        if math.isnan(self.expected):
+            return f"{self.row} {self.metric}"
         return (f"{self.row} {self.metric}: {self.found:.4f}, committed {self.expected:.4f} "
                 f"(differs by {abs(self.found - self.expected):.4f} > {self.tolerance})")
 
