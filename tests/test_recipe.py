@@ -172,3 +172,22 @@ def test_the_online_recipe_reads_and_fails_offline_with_one_line(tmp_path, capsy
     assert main(["run", str(REPO / "pipelines" / "trec-dl-2019.yaml"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("rankshrink run: error: msmarco-passage/trec-dl-2019/judged: ir_datasets could not fetch")
+
+
+@pytest.mark.shared
+def test_the_offline_recipe_reproduces_its_committed_results(tmp_path, monkeypatch, capsys):
+    """`rankshrink run pipelines/trec-dl-offline.yaml --check` on the first 8 dl19 queries (fixed sizes; budget
+    rows depend on the machine's speed) gives the committed per-query scores within the recipe's tolerance."""
+    path = REPO / "pipelines" / "trec-dl-offline.yaml"
+    if not path.is_file() or "search" not in (yaml.safe_load(path.read_text()) or {}):
+        pytest.skip("pipelines/trec-dl-offline.yaml has no search/rerank/eval sections yet")
+    shared_path("trec-dl", "dl19", "passages.jsonl")
+    monkeypatch.chdir(REPO)                       # the recipe's paths are relative to the repository
+    recipe = read_recipe(path)
+    if recipe.rerank and not Path(recipe.rerank["model"]).exists():
+        pytest.skip(f"{recipe.rerank['model']} is not trained here: rankshrink train {path.relative_to(REPO)}")
+    if not (recipe.output / "results.json").is_file():
+        pytest.skip(f"no committed {recipe.output}/results.json yet: rankshrink run {path.relative_to(REPO)}")
+    code = main(["run", str(path), "--check", "--queries", "8", "--no-budgets", "--quiet",
+                 "--output", str(tmp_path / "check")])
+    assert code == 0, capsys.readouterr().err
