@@ -330,3 +330,43 @@ def test_ctrl_c_in_the_middle_of_run_leaves_no_partial_file(tiny_world, tmp_path
     searched = BM25(tiny_world.index).batch_search(read_topics(topics), k=40)
     rounded = lambda run: {qid: {d: round(s, 4) for d, s in hits.items()} for qid, hits in run.items() if hits}  # noqa: E731
     assert rounded(read_run(first_stage)) == rounded(searched)          # what is there is complete
+
+
+def test_ctrl_c_in_the_middle_of_rerank_leaves_no_partial_file(tiny_world, tmp_path):
+    topics = random_topics(400)
+    write_topics(tmp_path / "topics.tsv", topics)
+    rng = random.Random(5)
+    docids = list(tiny_world.passages)
+    with open(tmp_path / "first.trec", "w") as out:
+        for qid in topics:
+            for rank, docid in enumerate(rng.sample(docids, 40), start=1):
+                out.write(f"{qid} Q0 {docid} {rank} {100 - rank} first\n")
+    output, stats = tmp_path / "out" / "reranked.trec", tmp_path / "out" / "stats.json"
+    command = [sys.executable, "-m", "rankshrink", "rerank", "--run", str(tmp_path / "first.trec"),
+               "--topics", str(tmp_path / "topics.tsv"), "--collection", str(tiny_world.collection),
+               "--model", str(tiny_world.model), "--max-length", "64", "--candidates", "40",
+               "--output", str(output), "--stats", str(stats)]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = bytearray()
+
+    def read_stderr() -> None:
+        while chunk := process.stderr.read1(256):
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: b"reranking:" in err, 90), "reranking never started"   # its progress bar
+        time.sleep(1.0)
+        assert process.poll() is None, bytes(err).decode()
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+        reader.join(10)
+    finally:
+        process.kill()
+    text = bytes(err).decode(errors="replace")
+    assert process.returncode == 130, text
+    assert "Traceback" not in text
+    left = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.parent.name == "out" or p.suffix == ".tmp"]
+    assert left == []                               # neither the run, nor the stats, nor a temp file
