@@ -327,8 +327,10 @@ def test_ctrl_c_in_the_middle_of_run_leaves_no_partial_file(tiny_world, tmp_path
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["bm25.trec"]
     from rankshrink.firststage import BM25
 
+    def rounded(run: dict) -> dict:
+        return {qid: {docid: round(score, 4) for docid, score in hits.items()} for qid, hits in run.items() if hits}
+
     searched = BM25(tiny_world.index).batch_search(read_topics(topics), k=40)
-    rounded = lambda run: {qid: {d: round(s, 4) for d, s in hits.items()} for qid, hits in run.items() if hits}  # noqa: E731
     assert rounded(read_run(first_stage)) == rounded(searched)          # what is there is complete
 
 
