@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, shared_path
 from rankshrink.cli import main
 from rankshrink.data import read_qrels, read_run
 from rankshrink.errors import InputError

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, shared_path
+from conftest import shared_path
 from rankshrink.data import read_run, read_topics
 from rankshrink.errors import InputError
 from rankshrink.pipeline import Pipeline

@@ -1,7 +1,7 @@
 """The Python search API (``Pipeline``) and end-to-end recipes (``run_recipe``, ``rankshrink run``).
 
 >>> from rankshrink.pipeline import Pipeline
->>> pipeline = Pipeline(index="indexes/dl19-passages", model="../shared/models/all-MiniLM-L6-v2",
+>>> pipeline = Pipeline(index="indexes/dl19-passages", model="models/trec-dl-offline",
 ...                     collection="../shared/trec-dl/dl19/passages.jsonl")
 >>> pipeline.search("what is durable medical equipment", k=10)
 """

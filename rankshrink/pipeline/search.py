@@ -1,7 +1,7 @@
 """``Pipeline``: a first stage and a reranker behind one call, with a per-query latency budget.
 
 >>> from rankshrink.pipeline import Pipeline
->>> pipeline = Pipeline(index="indexes/dl19-passages", model="../shared/models/all-MiniLM-L6-v2",
+>>> pipeline = Pipeline(index="indexes/dl19-passages", model="models/trec-dl-offline",
 ...                     collection="../shared/trec-dl/dl19/passages.jsonl", candidates=100)
 >>> hits = pipeline.search("what is durable medical equipment", k=10, budget_ms=200)
 >>> hits[0]
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..data import Collection, Run, Topics, open_collection, trec_order
+from ..data import Collection, Run, open_collection, trec_order
 from ..errors import InputError
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
@@ -167,7 +167,7 @@ class Pipeline:
     budget is given; ``budget_ms`` (here or per call) lets the reranker choose, inside the budget.
     ``concurrency`` and ``overhead_ms``: see the module's notes on admission.
 
-    >>> pipeline = Pipeline(index="indexes/dl19-passages", model="../shared/models/all-MiniLM-L6-v2",
+    >>> pipeline = Pipeline(index="indexes/dl19-passages", model="models/trec-dl-offline",
     ...                     collection="../shared/trec-dl/dl19/passages.jsonl")
     >>> [hit.docid for hit in pipeline.search("what is durable medical equipment", k=3)]
     ['...', '...', '...']
