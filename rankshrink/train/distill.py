@@ -1,0 +1,384 @@
+"""Distillation, stage by stage, into one width/depth-adaptive cross-encoder with self-distilled exits.
+
+1. **full** (Simplified TinyBERT's one step): the full network learns from the teacher's scores over each
+   list (listwise KL at a temperature: soft labels) and from the graded labels where there are any
+   (listwise CE: hard labels). Model selection on held-out queries keeps the best step. The result is
+   the fine-tuned teacher the next stages distil from.
+2. **rewire** (DynaBERT): heads and FFN neurons reordered by importance — |∂loss/∂mask| over training
+   lists — so narrow sub-networks keep the important ones. The full network's function is unchanged.
+3. **width** (DynaBERT stage 1): each step runs the full network (still learning from teacher and labels),
+   the narrowest width and random others; every sub-network learns the full network's scores (in-place
+   listwise KL) and hidden states (MSE, TinyBERT's intermediate-layer loss).
+4. **depth** (DynaBERT stage 2): the same over widths × depths, plus FastBERT's self-distillation: every
+   exit head learns the final layer's scores of the sub-network it runs in, so all layers share one scale.
+
+Checkpoints every ``checkpoint_every`` steps make a run resumable (``rankshrink train`` again picks up where
+it stopped); a fixed seed gives the same model; each stage logs JSON lines to ``<cache>/logs/<stage>.jsonl``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import atomic_write, open_collection, read_qrels, read_run, read_topics
+from ..metrics import evaluate
+from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
+from .groups import TrainingGroup, build_groups, sample_list, split_queries
+from .losses import hidden_mse, listwise_ce, listwise_kl
+from .recipe import StageSpec, TrainSpec
+from .teacher import score_groups, teacher_from_spec
+
+STAGES = ("full", "rewire", "width", "depth")
+DEV_CONFIGS = ((1.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5))
+
+
+class Trainer:
+    """Runs a ``TrainSpec`` end to end: data → teacher scores → the four stages → a model directory."""
+
+    def __init__(self, spec: TrainSpec, progress: bool = True, log: Callable[[str], None] = print):
+        self.spec, self.progress, self.log = spec, progress, log
+        self.fingerprint = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        self.cache = Path(spec.cache)
+        self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint
+        self.log_dir = self.cache / "logs"
+        self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec.dtype == "bf16" else nullcontext())
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def load_data(self) -> tuple[list[TrainingGroup], list[TrainingGroup]]:
+        """Training and held-out groups of every data set, teacher-scored (through the cache)."""
+        train, held_out = [], []
+        for data in self.spec.data:
+            topics = read_topics(data.topics)
+            runs = [read_run(path) for path in data.runs.values()]
+            qrels = read_qrels(data.qrels) if data.qrels else None
+            qids = sorted({qid for run in runs for qid in run})
+            if data.queries is not None:
+                qids = qids[: data.queries]
+            if data.candidates is not None:
+                runs = [{qid: dict(list(docs.items())[: data.candidates]) for qid, docs in run.items()} for run in runs]
+            train_qids, held_qids = split_queries(qids, data.held_out if qrels else 0, self.spec.seed)
+            collection = open_collection(data.collection)
+            train += build_groups(topics, runs, collection, qrels=qrels, queries=train_qids, source=data.name)
+            if held_qids:
+                held_out += build_groups(topics, runs, collection, qrels=qrels, queries=held_qids, source=data.name)
+        if self.spec.teacher:
+            runs_by_source = {data.name: {name: Path(path) for name, path in data.runs.items()}
+                              for data in self.spec.data}
+            teacher = teacher_from_spec(self.spec.teacher, runs_by_source)
+            self.log(f"teacher scores for {len(train)} training queries ({teacher.identity()['kind']})")
+            score_groups(teacher, train, self.cache / "teacher")
+        elif self.spec.losses.teacher_kl:
+            raise ValueError("losses.teacher_kl is set but the recipe has no teacher")
+        return train, held_out
+
+    # -- the whole run --------------------------------------------------------------------------
+
+    def run(self) -> Path:
+        started = time.time()
+        torch.manual_seed(self.spec.seed)
+        train, held_out = self.load_data()
+        state = self._read_checkpoint()
+        model = load_model(state["model_dir"] if state else self.spec.base)
+        model.config = _with_sizes(model, self.spec.widths, self.spec.depths)
+        done = self.done = set(state["done"]) if state else set()
+        summary: dict[str, Any] = state["summary"] if state else {"dev": {}}
+        for stage in STAGES:
+            if stage in done:
+                continue
+            if stage == "rewire":
+                if self.spec.rewire:
+                    self._rewire(model, train)
+            else:
+                stage_spec: StageSpec = getattr(self.spec, stage)
+                if stage_spec.steps > 0:
+                    resume = state if state and state.get("stage") == stage else None
+                    self._train_stage(stage, stage_spec, model, train, held_out, resume, summary)
+            if held_out:
+                summary["dev"][stage] = self.dev_scores(model, held_out)
+                self.log(f"after {stage}: held-out nDCG@10 {summary['dev'][stage]}")
+            done.add(stage)
+            state = None
+            self._write_checkpoint(model, {"done": sorted(done), "summary": summary})
+        model.metadata["training"] = {
+            "base": self.spec.base, "teacher": self.spec.teacher, "recipe_fingerprint": self.fingerprint,
+            "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth")},
+            "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
+            "train_queries": len(train), "held_out_queries": len(held_out),
+            "elapsed_s_this_run": round(time.time() - started, 1),
+        }
+        save_model(model, self.spec.output)
+        self.log(f"model written to {self.spec.output} ({time.time() - started:.0f} s)")
+        return Path(self.spec.output)
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _rewire(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup]) -> None:
+        rng = random.Random(self.spec.seed + 1)
+        lists = [rng.choice(groups) for _ in range(self.spec.rewire_lists)]
+
+        def batches():
+            for group in lists:
+                chosen = sample_list(group, self.spec.list_size, rng)
+                batch = self._tokenize(model, group, chosen)
+                targets = (torch.as_tensor(group.teacher[chosen]) if group.teacher is not None
+                           else torch.as_tensor(group.graded_labels()[chosen]))
+                yield {**batch, "targets": targets}
+
+        importance = head_neuron_importance(model, batches(), progress=self.progress)
+        rewire(model, importance)
+
+    def _train_stage(self, stage: str, stage_spec: StageSpec, model: DynamicCrossEncoder,
+                     groups: Sequence[TrainingGroup], held_out: Sequence[TrainingGroup],
+                     resume: dict | None, summary: dict) -> None:
+        from tqdm.auto import tqdm
+
+        spec = self.spec
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        if spec.freeze_word_embeddings:
+            model.embeddings.word.weight.requires_grad_(False)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=stage_spec.lr, weight_decay=0.01)
+        warmup = max(1, int(stage_spec.warmup * stage_spec.steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / stage_spec.steps))
+        rng = random.Random(f"{spec.seed}-{stage}")
+        torch.manual_seed(rng.randrange(2**31))  # dropout: the same whether or not earlier stages ran in this process
+        start_step, best, order = 0, None, []
+        if resume:
+            start_step = resume["step"]
+            _load_optimizer(optimizer, schedule, self.checkpoint_dir)
+            rng.setstate(_tuples(resume["rng"]))
+            torch.set_rng_state(_load_torch_rng(self.checkpoint_dir))
+            best = resume.get("best")
+            order = list(resume["order"])
+        configs = self._configs(stage)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.log_dir / f"{stage}.jsonl"
+        if not resume:
+            log_file.write_text("")
+        model.train()
+        bar = tqdm(range(start_step, stage_spec.steps), desc=stage, unit="step", disable=not self.progress,
+                   initial=start_step, total=stage_spec.steps)
+        started = time.time()
+        for step in bar:
+            if not order:
+                order = list(range(len(groups)))
+                rng.shuffle(order)
+            group = groups[order.pop()]
+            chosen = sample_list(group, spec.list_size, rng)
+            batch = self._tokenize(model, group, chosen)
+            picked = [configs[0], configs[-1]] + rng.sample(configs[1:-1], min(len(configs) - 2, stage_spec.configs - 2)) \
+                if len(configs) > 2 else configs
+            with self.autocast:
+                parts = self._step_losses(stage, model, batch, group, chosen, picked)
+            loss = sum(parts.values())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "loss": float(loss.detach()), **{k: round(float(v), 5) for k, v in parts.items()},
+                      "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 2)}
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            done_steps = step + 1
+            if stage == "full" and held_out and stage_spec.eval_every and done_steps % stage_spec.eval_every == 0:
+                record["held_out_ndcg@10"] = self.dev_scores(model, held_out, configs=((1.0, 1.0),))["1.0x1.0"]
+                if best is None or record["held_out_ndcg@10"] > best["ndcg"]:
+                    best = {"ndcg": record["held_out_ndcg@10"], "step": done_steps}
+                    save_model(model, self.checkpoint_dir / "best")
+                model.train()
+            with open(log_file, "a") as out:
+                out.write(json.dumps(record) + "\n")
+            if done_steps % spec.checkpoint_every == 0 and done_steps < stage_spec.steps:
+                self._write_checkpoint(model, {"done": sorted(self.done), "summary": summary,
+                                               "stage": stage, "step": done_steps, "rng": rng.getstate(),
+                                               "order": order, "best": best}, optimizer, schedule)
+        if best is not None:
+            final = self.dev_scores(model, held_out, configs=((1.0, 1.0),))["1.0x1.0"]
+            if best["ndcg"] > final:
+                self.log(f"{stage}: keeping step {best['step']} (held-out nDCG@10 {best['ndcg']:.4f} > {final:.4f} "
+                         f"at the end)")
+                _copy_weights(load_model(self.checkpoint_dir / "best"), model)
+            summary.setdefault("selected_step", {})[stage] = best["step"] if best["ndcg"] > final else stage_spec.steps
+        model.eval()
+
+    def _configs(self, stage: str) -> list[tuple[float, float]]:
+        """The (width, depth) pairs a stage trains, largest first and smallest last."""
+        widths = sorted(self.spec.widths, reverse=True)
+        if stage == "full":
+            return [(1.0, 1.0)]
+        if stage == "width":
+            return [(width, 1.0) for width in widths]
+        depths = sorted(self.spec.depths, reverse=True)
+        return sorted(((w, d) for w in widths for d in depths), key=lambda c: -c[0] * c[1])
+
+    def _step_losses(self, stage: str, model: DynamicCrossEncoder, batch: dict[str, torch.Tensor],
+                     group: TrainingGroup, chosen: list[int], configs: Sequence[tuple[float, float]]
+                     ) -> dict[str, torch.Tensor]:
+        weights = self.spec.losses
+        temperature = weights.temperature
+        teacher = None if group.teacher is None else torch.as_tensor(group.teacher[chosen])
+        grades = None if group.labels is None else torch.as_tensor(group.graded_labels()[chosen])
+        with_exits = stage == "depth"
+        with_hidden = stage in ("width", "depth") and weights.hidden_mse > 0
+        parts: dict[str, torch.Tensor] = {}
+
+        def add(name: str, weight: float, value: Callable[[], torch.Tensor]) -> None:
+            if weight:
+                parts[name] = parts.get(name, 0) + weight * value()
+
+        full = None
+        for width, depth in configs:
+            out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=width, depth=depth,
+                        exits="all" if with_exits else None, output_hidden_states=with_hidden)
+            if full is None:  # the first config is the full network: it learns from teacher and labels
+                full = out
+                if teacher is not None:
+                    add("teacher_kl", weights.teacher_kl, lambda: listwise_kl(out.score, teacher, temperature))
+                if grades is not None:
+                    add("labels_ce", weights.labels_ce, lambda: listwise_ce(out.score, grades, weights.label_temperature))
+            else:  # sub-networks learn from the full network (in place)
+                target = full.score.detach()
+                add("inplace_kl", weights.inplace_kl, lambda: listwise_kl(out.score, target, temperature))
+                if with_hidden:
+                    add("hidden_mse", weights.hidden_mse,
+                        lambda: hidden_mse(out.hidden_states[1:], _matching_states(full, out), batch["attention_mask"]))
+                if grades is not None:
+                    add("sub_labels_ce", weights.sub_labels_ce,
+                        lambda: listwise_ce(out.score, grades, weights.label_temperature))
+            if with_exits and out.exit_scores:
+                final = out.score.detach()
+                add("exit_kl", weights.exit_kl / len(configs),
+                    lambda: sum(listwise_kl(s, final, temperature) for s in out.exit_scores.values())
+                    / len(out.exit_scores))
+                if grades is not None:
+                    add("exit_labels_ce", weights.exit_labels_ce / len(configs),
+                        lambda: sum(listwise_ce(s, grades, weights.label_temperature) for s in out.exit_scores.values())
+                        / len(out.exit_scores))
+        if not parts:
+            raise ValueError(f"stage {stage}: every loss weight that applies to this list is 0")
+        return parts
+
+    def _tokenize(self, model: DynamicCrossEncoder, group: TrainingGroup, chosen: Sequence[int]
+                  ) -> dict[str, torch.Tensor]:
+        return model.tokenize([group.query] * len(chosen), [group.texts[i] for i in chosen],
+                              max_length=self.spec.max_length)
+
+    # -- evaluation on held-out queries ---------------------------------------------------------
+
+    def dev_scores(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup],
+                   configs: Sequence[tuple[float, float]] = DEV_CONFIGS) -> dict[str, float]:
+        """nDCG@10 of reranking each held-out query's candidates, at each (width, depth), in bf16."""
+        scorer = model.clone().to(torch.bfloat16).eval()
+        qrels = {group.qid: {docid: label for docid, label in zip(group.docids, group.labels) if label is not None}
+                 for group in groups}
+        runs = {}
+        for width, depth in configs:
+            runs[f"{width}x{depth}"] = {
+                group.qid: dict(zip(group.docids, scorer.score(group.query, group.texts, width=width, depth=depth,
+                                                               max_length=256).tolist()))
+                for group in groups}
+        scores = evaluate(qrels, runs, ["ndcg@10"]).scores
+        return {name: round(values["ndcg@10"], 4) for name, values in scores.items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _write_checkpoint(self, model: DynamicCrossEncoder, state: dict, optimizer=None, schedule=None) -> None:
+        save_model(model, self.checkpoint_dir / "model")
+        if optimizer is not None:
+            _save_optimizer(optimizer, schedule, self.checkpoint_dir)
+            from safetensors.torch import save_file
+
+            save_file({"rng": torch.get_rng_state()}, str(self.checkpoint_dir / "torch_rng.safetensors"))
+        with atomic_write(self.checkpoint_dir / "state.json") as out:
+            json.dump({**state, "model_dir": str(self.checkpoint_dir / "model")}, out)
+
+    def _read_checkpoint(self) -> dict | None:
+        path = self.checkpoint_dir / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        self.log(f"resuming from {self.checkpoint_dir} (done: {state['done']}"
+                 + (f", {state['stage']} at step {state['step']}" if state.get("stage") else "") + ")")
+        return state
+
+
+def _with_sizes(model: DynamicCrossEncoder, widths, depths):
+    from dataclasses import replace
+
+    return replace(model.config, widths=tuple(widths), depths=tuple(depths))
+
+
+def _matching_states(full, sub) -> list[torch.Tensor]:
+    """The full network's hidden states the sub-network's layers should match: the same physical layer,
+    except the sub-network's last layer, which matches the full network's last (both feed the final head)."""
+    full_by_layer = {layer: state for layer, state in zip(full.layers, full.hidden_states[1:])}
+    states = [full_by_layer[layer].detach() for layer in sub.layers]
+    states[-1] = full.hidden_states[-1].detach()
+    return states
+
+
+def _copy_weights(source: DynamicCrossEncoder, target: DynamicCrossEncoder) -> None:
+    with torch.no_grad():
+        target.load_state_dict(source.state_dict())
+    target.rewiring = source.rewiring
+
+
+def _tuples(value):
+    """JSON turns the tuples of random.getstate() into lists; setstate needs tuples back."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _save_optimizer(optimizer, schedule, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    with atomic_write(directory / "optimizer.json") as out:
+        json.dump({"scalars": scalars, "param_groups": state["param_groups"],
+                   "schedule": schedule.state_dict() if schedule else None}, out, default=str)
+
+
+def _load_optimizer(optimizer, schedule, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if schedule is not None and meta["schedule"]:
+        schedule.load_state_dict(meta["schedule"])
+
+
+def _load_torch_rng(directory: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "torch_rng.safetensors"))["rng"]

@@ -1,0 +1,164 @@
+"""The ``train:`` section of a recipe (``pipelines/*.yaml``), as typed, checked dataclasses.
+
+::
+
+    train:
+      base: ../shared/models/all-MiniLM-L6-v2   # any BERT checkpoint: local directory or hub id
+      output: models/trec-dl-offline             # the model directory written at the end
+      cache: cache/trec-dl-offline               # teacher scores, checkpoints, logs
+      seed: 13
+      data:                                      # listwise groups: candidates pooled from the runs
+        - name: dl21
+          topics: ../shared/trec-dl/dl21/topics.tsv
+          collection: ../shared/trec-dl/dl21/passages.jsonl
+          qrels: ../shared/trec-dl/dl21/qrels.txt          # optional: hard labels
+          runs: {bm25: ../shared/trec-dl/dl21/runs/bm25.top100.trec, ...}
+          held_out: 13                                     # queries kept aside for model selection
+      teacher:                                   # cross-encoder | bi-encoder | run | fusion (see teacher.py)
+        fusion:
+          - {bi-encoder: ../shared/models/all-MiniLM-L6-v2, weight: 1.0}
+          - {run: splade-pp-ed, weight: 1.0}
+      max_length: 96                             # tokens per (query, passage) pair while training
+      list_size: 32                              # candidates per training list
+      dtype: bf16                                # autocast dtype for training: bf16 | fp32
+      losses: {teacher_kl: 1.0, temperature: 1.0, labels_ce: 1.0, label_temperature: 0.5,
+               hidden_mse: 1.0, inplace_kl: 1.0, exit_kl: 1.0}
+      stages:
+        full:   {steps: 1200, lr: 1.0e-4, eval_every: 200}   # the full network learns from teacher + labels
+        rewire: {lists: 64}                                  # importance over this many lists
+        width:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 1: widths, distilled from full
+        depth:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 2: widths x depths, + exit heads
+      smoke: {queries: 4, candidates: 16, steps: 3}          # what --smoke shrinks everything to
+
+Relative paths are relative to the directory the command runs in (the repository root).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str
+    topics: str
+    collection: str
+    runs: dict[str, str]
+    qrels: str | None = None
+    held_out: int = 0
+    queries: int | None = None      # use only the first N queries (smoke runs)
+    candidates: int | None = None   # keep only the first N candidates of each query (smoke runs)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    steps: int = 0
+    lr: float = 5e-5
+    warmup: float = 0.1             # fraction of the steps with a linear warm-up
+    eval_every: int = 0             # evaluate on the held-out queries every N steps (0: at the end only)
+    configs: int = 4                # sub-networks per step in width / depth stages (full + smallest + random)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    teacher_kl: float = 1.0         # listwise KL to the teacher's scores (soft labels)
+    temperature: float = 1.0
+    labels_ce: float = 1.0          # listwise CE on graded labels (hard labels), where there are any
+    label_temperature: float = 0.5
+    inplace_kl: float = 1.0         # sub-network ← full network's scores (DynaBERT)
+    hidden_mse: float = 1.0         # sub-network ← full network's hidden states (TinyBERT's intermediate loss)
+    exit_kl: float = 1.0            # exit heads ← the final layer's scores (FastBERT self-distillation)
+    sub_labels_ce: float = 0.0      # sub-networks ← graded labels directly (the labels-only ablation)
+    exit_labels_ce: float = 0.0     # exit heads ← graded labels directly (the labels-only ablation)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    base: str
+    output: str
+    data: tuple[DataSpec, ...]
+    teacher: dict[str, Any] | None = None
+    cache: str = "cache/train"
+    seed: int = 13
+    max_length: int = 96
+    list_size: int = 32
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    freeze_word_embeddings: bool = True
+    rewire: bool = True
+    losses: LossWeights = LossWeights()
+    full: StageSpec = StageSpec()
+    rewire_lists: int = 64
+    width: StageSpec = StageSpec()
+    depth: StageSpec = StageSpec()
+    widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    depths: tuple[float, ...] = (0.5, 0.75, 1.0)
+    smoke: dict[str, int] = field(default_factory=lambda: {"queries": 4, "candidates": 16, "steps": 3})
+    checkpoint_every: int = 100
+
+    def smoke_version(self) -> "TrainSpec":
+        """The same recipe shrunk to a few queries, candidates and steps: an end-to-end check in minutes."""
+        queries, candidates, steps = (int(self.smoke.get(key, default)) for key, default in
+                                      (("queries", 4), ("candidates", 16), ("steps", 3)))
+        data = tuple(replace(spec, queries=queries + min(spec.held_out, 2), candidates=candidates,
+                             held_out=min(spec.held_out, 2)) for spec in self.data)
+        shrink = lambda stage: replace(stage, steps=min(stage.steps, steps), eval_every=0)  # noqa: E731
+        return replace(self, data=data, full=shrink(self.full), width=shrink(self.width), depth=shrink(self.depth),
+                       rewire_lists=min(self.rewire_lists, 2), list_size=min(self.list_size, 8),
+                       max_length=min(self.max_length, 64), output=self.output + "-smoke",
+                       cache=str(Path(self.cache) / "smoke"), checkpoint_every=max(1, steps))
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+    if not isinstance(values, Mapping):
+        raise InputError(f"{where}: expected a mapping, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as error:
+        raise InputError(f"{where}: {error}") from None
+
+
+def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> TrainSpec:
+    """Check and type a recipe's ``train:`` mapping; errors name the key that is wrong."""
+    section = dict(section)
+    for key in ("base", "output", "data"):
+        if key not in section:
+            raise InputError(f"{where}: missing required key {key!r}")
+    data = section.pop("data")
+    if not isinstance(data, list) or not data:
+        raise InputError(f"{where}.data: expected a non-empty list of data sets")
+    specs = []
+    for i, item in enumerate(data):
+        for key in ("name", "topics", "collection", "runs"):
+            if not isinstance(item, Mapping) or key not in item:
+                raise InputError(f"{where}.data[{i}]: missing required key {key!r}")
+        specs.append(_build(DataSpec, {**item, "runs": dict(item["runs"])}, f"{where}.data[{i}]"))
+    stages = section.pop("stages", {}) or {}
+    unknown = sorted(set(stages) - {"full", "rewire", "width", "depth"})
+    if unknown:
+        raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected full, rewire, width, depth")
+    for name in ("full", "width", "depth"):
+        if name in stages:
+            section[name] = _build(StageSpec, stages[name] or {}, f"{where}.stages.{name}")
+    if "rewire" in stages:
+        rewire = stages["rewire"] or {}
+        section["rewire"] = bool(rewire.get("enabled", True))
+        section["rewire_lists"] = int(rewire.get("lists", 64))
+    if "losses" in section:
+        section["losses"] = _build(LossWeights, section["losses"] or {}, f"{where}.losses")
+    for key in ("widths", "depths"):
+        if key in section:
+            section[key] = tuple(float(value) for value in section[key])
+    spec = _build(TrainSpec, {**section, "data": tuple(specs)}, where)
+    if spec.dtype not in ("bf16", "fp32"):
+        raise InputError(f"{where}.dtype: expected bf16 or fp32, got {spec.dtype!r}")
+    if spec.list_size < 2:
+        raise InputError(f"{where}.list_size: a list needs at least 2 candidates, got {spec.list_size}")
+    return spec

@@ -1,0 +1,214 @@
+"""Teachers: whatever scores every candidate of every training group, with the scores cached on disk.
+
+- ``CrossEncoderTeacher``: any Hugging Face cross-encoder (a hub id such as
+  ``cross-encoder/ms-marco-MiniLM-L-12-v2`` when online, or a local directory), through
+  sentence-transformers' ``CrossEncoder``; raw logits, no sigmoid.
+- ``BiEncoderTeacher``: a sentence-transformers bi-encoder; cosine similarity times ``scale``.
+- ``RunTeacher``: the scores of a first-stage run (e.g. SPLADE) for each data set; candidates the run
+  lacks get the run's lowest score for that query minus a margin.
+- ``FusionTeacher``: a weighted sum of other teachers' scores, each z-normalised within the query — how
+  the offline recipe combines the bi-encoder with the shipped first-stage runs.
+
+Scores are cached as JSON under ``cache_dir``, keyed by the teacher's identity (model name and a hash of
+its weights file) and the exact (qid, candidates) lists, so a rerun of a recipe does not rescore.
+
+>>> teacher = teacher_from_spec({"bi-encoder": "../shared/models/all-MiniLM-L6-v2"})   # doctest: +SKIP
+>>> score_groups(teacher, groups, cache_dir="cache/teacher")                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import Run, atomic_write, read_run
+from ..errors import InputError
+from .groups import TrainingGroup
+
+
+class Teacher:
+    """Scores the candidates of training groups: one float32 array per group."""
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+def model_fingerprint(name_or_path: str) -> dict[str, str]:
+    """A local model directory is named by its path and a hash of its weights; a hub id by the id."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return {"model": name_or_path}
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    digest = hashlib.sha256()
+    for file in weights:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return {"model": str(path.resolve()), "weights_sha256": digest.hexdigest()}
+
+
+class CrossEncoderTeacher(Teacher):
+    def __init__(self, model: str, max_length: int = 256, batch_size: int = 32):
+        self.model_name, self.max_length, self.batch_size = model, max_length, batch_size
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "cross-encoder", "max_length": self.max_length, **model_fingerprint(self.model_name)}
+
+    def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(self.model_name, max_length=self.max_length, activation_fn=torch.nn.Identity())
+        pairs = [(group.query, text) for group in groups for text in group.texts]
+        scores = model.predict(pairs, batch_size=self.batch_size, show_progress_bar=True,
+                               activation_fn=torch.nn.Identity())
+        return _split(np.asarray(scores, dtype=np.float32).reshape(-1), groups)
+
+
+class BiEncoderTeacher(Teacher):
+    def __init__(self, model: str, scale: float = 20.0, batch_size: int = 64, max_length: int | None = None):
+        self.model_name, self.scale, self.batch_size, self.max_length = model, scale, batch_size, max_length
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "bi-encoder", "scale": self.scale, "max_length": self.max_length,
+                **model_fingerprint(self.model_name)}
+
+    def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(self.model_name, device="cpu")
+        if self.max_length:
+            model.max_seq_length = self.max_length
+        texts = list(dict.fromkeys(text for group in groups for text in group.texts))
+        position = {text: i for i, text in enumerate(texts)}
+        passages = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                show_progress_bar=True, convert_to_numpy=True)
+        queries = model.encode([group.query for group in groups], batch_size=self.batch_size,
+                               normalize_embeddings=True, convert_to_numpy=True)
+        return [self.scale * (passages[[position[text] for text in group.texts]] @ queries[i]).astype(np.float32)
+                for i, group in enumerate(groups)]
+
+
+class RunTeacher(Teacher):
+    """``runs`` maps a group's ``source`` (data set name) to the run file that scores its candidates."""
+
+    def __init__(self, runs: Mapping[str, str | Path], missing_margin: float = 0.1):
+        self.run_paths = {source: Path(path) for source, path in runs.items()}
+        self.missing_margin = missing_margin
+        self._runs: dict[str, Run] = {}
+
+    def identity(self) -> dict[str, Any]:
+        files = {source: _file_digest(path) for source, path in sorted(self.run_paths.items())}
+        return {"kind": "run", "runs": files, "missing_margin": self.missing_margin}
+
+    def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+        out = []
+        for group in groups:
+            if group.source not in self.run_paths:
+                raise InputError(f"run teacher has no run for data set {group.source!r} "
+                                 f"(it has {sorted(self.run_paths)})")
+            run = self._runs.setdefault(group.source, read_run(self.run_paths[group.source]))
+            scores = run.get(group.qid, {})
+            if scores:
+                lowest = min(scores.values())
+                missing = lowest - self.missing_margin * max(abs(lowest), 1e-6)
+            else:
+                missing = 0.0
+            out.append(np.array([scores.get(docid, missing) for docid in group.docids], dtype=np.float32))
+        return out
+
+
+class FusionTeacher(Teacher):
+    def __init__(self, parts: Sequence[tuple[Teacher, float]]):
+        if not parts:
+            raise InputError("a fusion teacher needs at least one part")
+        self.parts = list(parts)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "fusion", "parts": [{"weight": weight, **teacher.identity()} for teacher, weight in self.parts]}
+
+    def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+        total = [np.zeros(len(group), dtype=np.float32) for group in groups]
+        for teacher, weight in self.parts:
+            for fused, scores in zip(total, teacher.score(groups)):
+                fused += weight * _z_normalised(scores)
+        return total
+
+
+def _z_normalised(scores: np.ndarray) -> np.ndarray:
+    spread = scores.std()
+    return (scores - scores.mean()) / (spread if spread > 0 else 1.0)
+
+
+def _file_digest(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"{path}: no such run file")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _split(flat: np.ndarray, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+    out, start = [], 0
+    for group in groups:
+        out.append(flat[start:start + len(group)].astype(np.float32))
+        start += len(group)
+    return out
+
+
+def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None = None) -> Teacher:
+    """Build a teacher from its recipe entry:
+
+    ``{"cross-encoder": NAME_OR_PATH, "max_length": 256}``, ``{"bi-encoder": NAME_OR_PATH, "scale": 20}``,
+    ``{"run": RUN_NAME}`` (that run of each training data set: ``runs_by_source[source][RUN_NAME]``), or
+    ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``.
+    """
+    kinds = [key for key in ("cross-encoder", "bi-encoder", "run", "fusion") if key in spec]
+    if len(kinds) != 1:
+        raise InputError(f"teacher {dict(spec)}: expected exactly one of cross-encoder, bi-encoder, run, fusion")
+    kind = kinds[0]
+    if kind == "cross-encoder":
+        return CrossEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)))
+    if kind == "bi-encoder":
+        return BiEncoderTeacher(str(spec[kind]), float(spec.get("scale", 20.0)), int(spec.get("batch_size", 64)),
+                                spec.get("max_length"))
+    if kind == "run":
+        name = str(spec[kind])
+        runs_by_source = runs_by_source or {}
+        available = {source: runs[name] for source, runs in runs_by_source.items() if name in runs}
+        if not available:
+            raise InputError(f"teacher run {name!r}: no training data set has a run of that name")
+        return RunTeacher(available)
+    parts = spec[kind]
+    if not isinstance(parts, list):
+        raise InputError(f"teacher fusion: expected a list of parts, got {parts!r}")
+    return FusionTeacher([(teacher_from_spec({k: v for k, v in part.items() if k != "weight"}, runs_by_source),
+                           float(part.get("weight", 1.0))) for part in parts])
+
+
+def score_groups(teacher: Teacher, groups: Sequence[TrainingGroup], cache_dir: str | Path | None) -> None:
+    """Set ``group.teacher`` for every group, reading the cache when this teacher already scored exactly
+    these lists, else scoring and writing the cache (atomically)."""
+    cache_file = None
+    if cache_dir is not None:
+        key = hashlib.sha256(json.dumps(
+            {"teacher": teacher.identity(), "groups": [[group.key, group.docids] for group in groups]},
+            sort_keys=True).encode()).hexdigest()[:32]
+        cache_file = Path(cache_dir) / f"teacher-{key}.json"
+        if cache_file.is_file():
+            cached = json.loads(cache_file.read_text())["scores"]
+            for group in groups:
+                group.teacher = np.asarray(cached[group.key], dtype=np.float32)
+            return
+    scores = teacher.score(groups)
+    for group, values in zip(groups, scores):
+        group.teacher = np.asarray(values, dtype=np.float32)
+    if cache_file is not None:
+        with atomic_write(cache_file) as out:
+            json.dump({"teacher": teacher.identity(),
+                       "scores": {group.key: group.teacher.tolist() for group in groups}}, out)

@@ -1,0 +1,227 @@
+"""Training: groups, teachers and their cache, losses, recipe checks, determinism and resuming — on a tiny
+random BERT and a tiny data set written here; the real recipe's --smoke run on ../shared at the end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, shared_path
+from rankshrink.data import Collection, write_run
+from rankshrink.errors import InputError
+from rankshrink.train import Trainer, build_groups, sample_list, train_spec_from_dict
+from rankshrink.train.losses import hidden_mse, listwise_ce, listwise_kl
+from rankshrink.train.teacher import FusionTeacher, RunTeacher, Teacher, score_groups
+from test_model_fixtures import PASSAGES, QUERIES, tiny_hf_cross_encoder
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> dict:
+    """Four queries over seven passages, a BM25-like run and a 'dense' run, graded labels."""
+    collection = tmp_path / "passages.jsonl"
+    collection.write_text("".join(json.dumps({"id": f"p{i}", "contents": text}) + "\n"
+                                  for i, text in enumerate(PASSAGES)))
+    (tmp_path / "topics.tsv").write_text("".join(f"q{i}\t{query}\n" for i, query in enumerate(QUERIES)))
+    rng = np.random.default_rng(0)
+    runs = {}
+    for name in ("bm25", "dense"):
+        run = {f"q{i}": {f"p{j}": float(rng.normal()) for j in range(len(PASSAGES)) if (i + j) % 5 != 0}
+               for i in range(len(QUERIES))}
+        write_run(run, tmp_path / f"{name}.trec")
+        runs[name] = str(tmp_path / f"{name}.trec")
+    (tmp_path / "qrels.txt").write_text("q0 0 p0 3\nq0 0 p1 0\nq1 0 p1 2\nq2 0 p2 1\nq2 0 p3 0\nq3 0 p3 2\n")
+    model_dir = tmp_path / "base"
+    tiny_hf_cross_encoder(model_dir, layers=4, heads=4, hidden=32, ffn=64)
+    return {"dir": tmp_path, "runs": runs, "base": str(model_dir)}
+
+
+def tiny_section(data: dict, **changes) -> dict:
+    d = data["dir"]
+    section = {
+        "base": data["base"], "output": str(d / "out"), "cache": str(d / "cache"), "seed": 3,
+        "data": [{"name": "tiny", "topics": str(d / "topics.tsv"), "collection": str(d / "passages.jsonl"),
+                  "qrels": str(d / "qrels.txt"), "runs": data["runs"], "held_out": 1}],
+        "teacher": {"fusion": [{"run": "dense", "weight": 1.0}, {"run": "bm25", "weight": 0.5}]},
+        "max_length": 32, "list_size": 4, "dtype": "fp32",
+        "stages": {"full": {"steps": 4, "lr": 1e-3, "eval_every": 2}, "rewire": {"lists": 2},
+                   "width": {"steps": 3, "lr": 1e-3, "configs": 3}, "depth": {"steps": 3, "lr": 1e-3}},
+        "checkpoint_every": 2,
+    }
+    section.update(changes)
+    return section
+
+
+def test_groups_pool_the_runs_and_carry_labels(tiny_data):
+    from rankshrink.data import read_qrels, read_run, read_topics
+
+    runs = [read_run(path) for path in tiny_data["runs"].values()]
+    groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), runs,
+                          Collection(tiny_data["dir"] / "passages.jsonl"),
+                          qrels=read_qrels(tiny_data["dir"] / "qrels.txt"), source="tiny")
+    first = groups[0]
+    assert first.key == "tiny/q0"
+    assert set(first.docids) == set(runs[0]["q0"]) | set(runs[1]["q0"])
+    assert first.labels[first.docids.index("p1")] == 0 and first.labels[first.docids.index("p2")] is None
+    assert first.texts[first.docids.index("p2")] == PASSAGES[2]
+    assert first.graded_labels()[first.docids.index("p2")] == 0
+
+
+def test_sample_list_takes_teacher_top_and_a_relevant_one():
+    import random
+
+    from rankshrink.train import TrainingGroup
+
+    group = TrainingGroup("q", "query", [f"d{i}" for i in range(40)], ["t"] * 40,
+                          labels=[3 if i == 39 else None for i in range(40)],
+                          teacher=np.arange(40, dtype=np.float32)[::-1].copy())
+    chosen = sample_list(group, 16, random.Random(0))
+    assert len(chosen) == len(set(chosen)) == 16
+    assert chosen[:4] == [0, 1, 2, 3] and 39 in chosen
+    assert sample_list(group, 64, random.Random(0)) == list(range(40))
+
+
+def test_losses():
+    scores = torch.tensor([[2.0, 0.0, -1.0]])
+    assert listwise_kl(scores, scores).item() == pytest.approx(0.0, abs=1e-7)
+    assert listwise_kl(scores, torch.tensor([[-1.0, 0.0, 2.0]])).item() > 0.5
+    grades = torch.tensor([[3.0, 0.0, 0.0]])
+    assert listwise_ce(torch.tensor([[9.0, 0.0, 0.0]]), grades) < listwise_ce(torch.tensor([[0.0, 9.0, 0.0]]), grades)
+    a, b = torch.ones(1, 3, 4), torch.zeros(1, 3, 4)
+    mask = torch.tensor([[1, 1, 0]])
+    b[0, 2] = 100.0  # a padded position: ignored
+    assert hidden_mse([a], [b], mask).item() == pytest.approx(1.0)
+
+
+class CountingTeacher(Teacher):
+    """A real (if simple) teacher: passage length. Counts how often it is asked to score."""
+
+    calls = 0
+
+    def identity(self):
+        return {"kind": "length"}
+
+    def score(self, groups):
+        CountingTeacher.calls += 1
+        return [np.array([len(text) for text in group.texts], dtype=np.float32) for group in groups]
+
+
+def test_teacher_scores_are_cached(tiny_data, tmp_path):
+    from rankshrink.data import read_run, read_topics
+
+    groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), [read_run(tiny_data["runs"]["bm25"])],
+                          Collection(tiny_data["dir"] / "passages.jsonl"), source="tiny")
+    teacher = CountingTeacher()
+    score_groups(teacher, groups, tmp_path / "cache")
+    first = [group.teacher.copy() for group in groups]
+    for group in groups:
+        group.teacher = None
+    score_groups(teacher, groups, tmp_path / "cache")
+    assert CountingTeacher.calls == 1
+    assert all(np.array_equal(a, group.teacher) for a, group in zip(first, groups))
+    groups[0].docids = groups[0].docids[:-1]  # other lists: a new cache entry
+    groups[0].texts = groups[0].texts[:-1]
+    score_groups(teacher, groups, tmp_path / "cache")
+    assert CountingTeacher.calls == 2
+
+
+def test_run_and_fusion_teachers(tiny_data):
+    from rankshrink.data import read_run, read_topics
+
+    groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"),
+                          [read_run(tiny_data["runs"]["bm25"]), read_run(tiny_data["runs"]["dense"])],
+                          Collection(tiny_data["dir"] / "passages.jsonl"), source="tiny")
+    dense = RunTeacher({"tiny": tiny_data["runs"]["dense"]}).score(groups)
+    run = read_run(tiny_data["runs"]["dense"])
+    for group, scores in zip(groups, dense):
+        for docid, score in zip(group.docids, scores):
+            if docid in run[group.qid]:
+                assert score == pytest.approx(run[group.qid][docid])
+            else:
+                assert score < min(run[group.qid].values())
+    fused = FusionTeacher([(RunTeacher({"tiny": tiny_data["runs"]["dense"]}), 1.0)]).score(groups)
+    for scores, raw in zip(fused, dense):
+        assert np.argsort(scores).tolist() == np.argsort(raw).tolist()
+        assert scores.mean() == pytest.approx(0.0, abs=1e-5) and scores.std() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"base": None}, "missing required key 'base'"),
+    ({"unknown": 1}, r"unknown key\(s\) \['unknown'\]"),
+    ({"stages": {"fll": {}}}, r"unknown stage\(s\) \['fll'\]"),
+    ({"stages": {"full": {"stepz": 3}}}, r"train.stages.full: unknown key\(s\) \['stepz'\]"),
+    ({"dtype": "fp16"}, "expected bf16 or fp32"),
+])
+def test_recipe_errors_name_the_key(tiny_data, change, message):
+    section = tiny_section(tiny_data)
+    for key, value in change.items():
+        if value is None:
+            del section[key]
+        else:
+            section[key] = value
+    with pytest.raises(InputError, match=message):
+        train_spec_from_dict(section)
+
+
+def train(section: dict) -> dict[str, torch.Tensor]:
+    path = Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None).run()
+    from rankshrink import load_model
+
+    return load_model(path).state_dict()
+
+
+def test_training_runs_every_stage_and_is_deterministic(tiny_data):
+    first = train(tiny_section(tiny_data))
+    from rankshrink import load_model
+
+    model = load_model(tiny_data["dir"] / "out")
+    training = model.metadata["training"]
+    assert set(training["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth"}
+    assert model.rewiring is not None
+    for stage in ("full", "width", "depth"):
+        lines = (tiny_data["dir"] / "cache" / "logs" / f"{stage}.jsonl").read_text().splitlines()
+        assert len(lines) == 3 + (stage == "full") and "loss" in json.loads(lines[0])
+    second = train(tiny_section(tiny_data, output=str(tiny_data["dir"] / "again"), cache=str(tiny_data["dir"] / "c2")))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    base = load_model(tiny_data["base"]).state_dict()
+    assert not torch.equal(first["layers.0.ffn.up.bias"], base["layers.0.ffn.up.bias"])
+
+
+def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch):
+    uninterrupted = train(tiny_section(tiny_data, output=str(tiny_data["dir"] / "whole"),
+                                       cache=str(tiny_data["dir"] / "c-whole")))
+    real_step = Trainer._step_losses
+    calls = {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8:  # in the width stage, after its checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_step_losses", interrupting)
+    section = tiny_section(tiny_data, output=str(tiny_data["dir"] / "resumed"), cache=str(tiny_data["dir"] / "c-r"))
+    with pytest.raises(KeyboardInterrupt):
+        train(section)
+    assert not (tiny_data["dir"] / "resumed").exists()
+    monkeypatch.setattr(Trainer, "_step_losses", real_step)
+    resumed = train(section)
+    assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+
+
+def test_offline_recipe_smoke_run(tmp_path):
+    shared_path("trec-dl", "dl21")
+    result = subprocess.run(
+        [sys.executable, "-m", "rankshrink", "train", str(REPO / "pipelines" / "trec-dl-offline.yaml"), "--smoke",
+         "--quiet", "--set", f"output={tmp_path / 'model'}", "--set", f"cache={tmp_path / 'cache'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from rankshrink import load_model
+
+    model = load_model(tmp_path / "model-smoke")
+    assert model.rewiring is not None and len(model.exits) == 5
+    assert set(model.metadata["training"]["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth"}
