@@ -445,7 +445,7 @@ def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, b
                             candidates=section["candidates"], width=config["width"], depth=config["depth"],
                             max_length=config["max_length"], exits=section["exits"], dtype=section["dtype"],
                             overhead_ms=section.get("overhead_ms", 20.0))
-        loaded = pipeline.reranker.model
+        loaded = pipeline.reranker.source_model      # loaded once; each row converts it as its dtype needs
         yield config["name"], *_rerank_one(pipeline, config["name"], first_stage, topics, None, section, progress,
                                            log, {k: config[k] for k in ("width", "depth", "max_length")})
     if section["budgets_ms"] and budgets:
