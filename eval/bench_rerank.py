@@ -8,7 +8,7 @@ One process, interleaved query by query (``rankshrink.rerank.bench``): the peer 
 directory: fp32, batch 32, 2 threads) and every rankshrink arm rerank the same BM25 top-100 of each query;
 medians and 95th percentiles are over all (query, repeat) calls, tokenization included. Arms:
 
-* the full network, no exits, with 1 and with 2 intra-op threads;
+* the full network, no exits, with 1 and with 2 intra-op threads, and in fp32 (bf16's cost in nDCG@10);
 * the full network with the model's calibrated exits (when it has a calibration);
 * "best within 1 point": the cheapest configuration of the model's profile whose *dev* (dl21) nDCG@10 is
   within ``--within`` of the full network's dev nDCG@10 — chosen on dev data, only measured here;
@@ -40,6 +40,7 @@ def arms_for(model_dir: Path, budgets: list[float], within: float, threads: int,
     full = RerankConfig(1.0, 1.0, max_length, 100, None)
     arms = {FULL: Arm(config=full, threads=threads),
             f"{FULL}, {3 - threads} thread{'s' if 3 - threads > 1 else ''}": Arm(config=full, threads=3 - threads)}
+    arms[f"{FULL}, fp32"] = Arm(config=full, threads=threads, dtype="fp32")   # what bf16 costs in nDCG, buys in time
     notes = {}
     if (metadata.get("calibration") or {}).get("default_risk"):
         arms["full, calibrated exits"] = Arm(config=full, model_exits=True, threads=threads)
@@ -67,7 +68,10 @@ def checks(summary: dict, budgets: list[float]) -> list[tuple[str, str, bool | N
         if peer_ndcg is not None:
             rows.append(("full, no exits: nDCG@10 within 0.005 of the peer",
                          f"{full_ndcg:.4f} vs {peer_ndcg:.4f}", abs(full_ndcg - peer_ndcg) <= 0.005))
-        rows.append(("full, no exits: ≥ 4× faster than the peer", f"{full['speedup']:.2f}×", full["speedup"] >= 4))
+        thread_arms = [name for name in summary if name == FULL or (name.startswith(f"{FULL}, ") and "thread" in name)]
+        fastest = max(thread_arms, key=lambda name: summary[name]["speedup"])
+        speedup = summary[fastest]["speedup"]
+        rows.append((f"full, no exits: ≥ 4× faster than the peer ({fastest})", f"{speedup:.2f}×", speedup >= 4))
     best = summary.get("best within 1 point (dev)")
     if best and full:
         rows.append(("best config: within 0.01 nDCG@10 of the full network",

@@ -28,7 +28,8 @@ def add_reranker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10, help="the cut early exits protect (default: %(default)s)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where the CPU has bf16 arithmetic (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: those the model was profiled with, else torch's)")
 
 
 def exits_option(args: argparse.Namespace):
@@ -62,8 +63,10 @@ def open_reranker(args: argparse.Namespace):
     from ..model import load_model
     from ..rerank import Reranker
 
-    return Reranker(load_model(args.model), width=args.width, depth=args.depth, max_length=args.max_length,
-                    candidates=args.candidates, exits=exits_option(args), dtype=args.dtype, threads=args.threads)
+    model = load_model(args.model)
+    threads = args.threads or (model.metadata.get("profile") or {}).get("threads")   # as profiled, by default
+    return Reranker(model, width=args.width, depth=args.depth, max_length=args.max_length,
+                    candidates=args.candidates, exits=exits_option(args), dtype=args.dtype, threads=threads)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,12 +37,14 @@ PEER = "peer"
 class Arm:
     """One rankshrink setting to time: a fixed ``config``, or a ``budget_ms`` for the controller.
     ``model_exits``: run ``config`` with the model's calibrated default exit risk instead of its own.
-    ``threads``: intra-op threads for this arm (None: the bench's ``threads``)."""
+    ``threads``: intra-op threads for this arm (None: the bench's ``threads``); ``dtype``: "bf16" or "fp32"
+    for this arm (None: the bench's ``dtype``)."""
 
     config: RerankConfig | None = None
     budget_ms: float | None = None
     model_exits: bool = False
     threads: int | None = None
+    dtype: str | None = None
 
     def __post_init__(self):
         if (self.config is None) == (self.budget_ms is None):
@@ -130,7 +132,8 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
           max_length: int = 256, dtype: str = "auto", threads: int | None = None, peer_threads: int = 2,
           peer_batch_size: int = 32, top_k: int | None = None, progress: bool = True) -> BenchResult:
     """Time the peer and each arm on the first ``queries`` queries of ``run`` (all by default), ``repeats``
-    times, interleaved. ``threads``: rankshrink's intra-op threads (None: the same as the peer's)."""
+    times, interleaved. ``threads``: rankshrink's intra-op threads (None: those of the model's profile, else
+    the peer's)."""
     from tqdm.auto import tqdm
 
     from ..metrics import evaluate
@@ -147,10 +150,16 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
         qids = qids[:queries]
     if not qids:
         raise InputError("no query to bench")
-    threads = peer_threads if threads is None else threads
     peer = load_peer(model_dir, max_length)
     model = load_model(model_dir)
+    if threads is None:   # as the model was profiled (its cost model holds for that), else as the peer
+        threads = (model.metadata.get("profile") or {}).get("threads") or peer_threads
     reranker = Reranker(model, max_length=max_length, candidates=candidates, exits=False, dtype=dtype)
+    rerankers = {None: reranker}
+    for arm in arms.values():
+        if arm.dtype not in rerankers:
+            rerankers[arm.dtype] = Reranker(model, max_length=max_length, candidates=candidates, exits=False,
+                                            dtype=arm.dtype)
     inputs = {}
     for qid in qids:
         ordered = [docid for docid, _ in trec_order(run[qid])]
@@ -160,12 +169,13 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
 
     def run_arm(arm: Arm, qid: str, top: list[str], texts: list[str]):
         torch.set_num_threads(arm.threads or threads)
+        engine = rerankers[arm.dtype]
         if arm.config is None:
-            return reranker.rerank(topics[qid], top, texts, budget_ms=arm.budget_ms, top_k=top_k)
+            return engine.rerank(topics[qid], top, texts, budget_ms=arm.budget_ms, top_k=top_k)
         config = arm.config
         if arm.model_exits:
-            config = replace(config, exit_risk=reranker.exit_risk_for(True))
-        return reranker.rerank_config(topics[qid], top, texts, config, top_k)
+            config = replace(config, exit_risk=engine.exit_risk_for(True))
+        return engine.rerank_config(topics[qid], top, texts, config, top_k)
 
     # Warm up (first calls pay one-time initialisation), untimed: the peer and every arm on the first query.
     ordered, top, texts = inputs[qids[0]]

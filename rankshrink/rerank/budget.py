@@ -162,11 +162,13 @@ class FrontierPoint:
                    values.get("measured_ms_p95"))
 
 
-def pareto_frontier(points: Iterable[FrontierPoint]) -> list[FrontierPoint]:
-    """The points no other point beats on both cost (predicted p95) and nDCG, cheapest first."""
+def pareto_frontier(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> list[FrontierPoint]:
+    """The points no other point beats on both cost (predicted p95) and nDCG, cheapest first. With
+    ``min_gain``, a dearer point must beat the last one kept by more than that: a gain smaller than the dev
+    set's noise is not worth its cost, and would make quality on other queries go down as budgets go up."""
     frontier: list[FrontierPoint] = []
     for point in sorted(points, key=lambda p: (p.ms_p95, -p.ndcg)):
-        if not frontier or point.ndcg > frontier[-1].ndcg:
+        if not frontier or point.ndcg > frontier[-1].ndcg + min_gain:
             frontier.append(point)
     return frontier
 

@@ -101,8 +101,8 @@ class RerankResult:
 @dataclass
 class Trace:
     """Every head's score for every candidate, no exit taken (what ``profile`` calibrates and simulates
-    from). ``layer_scores[layer][i]``: the exit head after physical ``layer`` (the final head after the last
-    executed layer) on candidate i; ``lengths[i]``: its tokens."""
+    from). ``layer_scores[layer][i]``: the exit head after physical ``layer`` (every executed layer but the
+    last) on candidate i; ``final[i]``: the final head after the last executed layer; ``lengths[i]``: tokens."""
 
     layer_scores: dict[int, np.ndarray]
     final: np.ndarray
@@ -219,9 +219,10 @@ def _tokenizer_lock(tokenizer) -> threading.Lock:
 class Reranker:
     """Rerank one query's first-stage candidates with a ``DynamicCrossEncoder``.
 
-    ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to the
-    model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first), ``exits`` fix the configuration used
-    when a call gives no budget. ``exits``: True uses the model's calibrated early exits at its default risk
+    ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to
+    the model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first) and
+    ``exits`` fix the configuration used when a call gives no budget; with a budget, ``candidates`` and
+    ``max_length`` still cap what the controller picks. ``exits``: True uses the model's calibrated early exits at its default risk
     (none when the model has no calibration for this width and depth); a float is the exit risk itself
     (``calibration.py``); False runs every document through every layer. ``dtype``: "auto" (bf16 where the
     CPU has bf16 arithmetic), "bf16", "fp32". ``threads``: torch intra-op threads, set for the whole process
@@ -257,7 +258,6 @@ class Reranker:
         self.dtype = resolve_dtype(dtype, next(model.parameters()).device)
         self.model = inference_copy(model, self.dtype)
         self.calibration = model.metadata.get("calibration")
-        self.exits = exits
         self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits))
         self.threads = threads
         self.batch_tokens = batch_tokens

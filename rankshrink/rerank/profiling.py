@@ -45,6 +45,8 @@ DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
 DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.3)
 # exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
 DEFAULT_RISK_TOLERANCE = 0.005
+# A dearer frontier configuration must gain more dev nDCG@10 than this over the cheaper one.
+FRONTIER_MIN_GAIN = 0.002
 
 
 @dataclass
@@ -229,7 +231,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
 
     # 4. frontier, timed for real
     cost_model = CostModel.fit(samples)
-    frontier = pareto_frontier(points_with(cost_model).values())
+    frontier = pareto_frontier(points_with(cost_model).values(), FRONTIER_MIN_GAIN)
     timing = dev[:time_queries] if time_queries else []
     measured: dict[RerankConfig, list[float]] = {}
     if timing:
@@ -248,7 +250,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     for config, times in measured.items():
         points[config] = replace(points[config], measured_ms_p50=_percentile(times, 50),
                                  measured_ms_p95=_percentile(times, 95))
-    frontier = pareto_frontier(points.values())
+    frontier = pareto_frontier(points.values(), FRONTIER_MIN_GAIN)
 
     full = RerankConfig(widths[-1], depths[-1], max_lengths[-1], candidates[-1], None)
     calibration["default_risk"] = _default_risk(ndcg, full, risks)
