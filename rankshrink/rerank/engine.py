@@ -235,7 +235,7 @@ class Reranker:
 
     def __init__(self, model: Any, width: float = 1.0, depth: float = 1.0, max_length: int = 256,
                  candidates: int = 100, exits: bool | float = True, dtype: Dtype = "auto",
-                 threads: int | None = None, *, batch_tokens: int = BATCH_TOKENS,
+                 threads: int | None = None, *, batch_tokens: int = BATCH_TOKENS, max_padding: float = MAX_PADDING,
                  profile: Mapping[str, Any] | None = None):
         if isinstance(model, (str, Path)):
             from ..model import load_model
@@ -260,7 +260,10 @@ class Reranker:
         self.calibration = model.metadata.get("calibration")
         self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits))
         self.threads = threads
+        if not 0 <= max_padding <= 1:
+            raise InputError(f"max_padding must be a fraction in [0, 1], got {max_padding!r}")
         self.batch_tokens = batch_tokens
+        self.max_padding = float(max_padding)
         self._tokenizer_lock = _tokenizer_lock(model.tokenizer)
         profile = model.metadata.get("profile") if profile is None else profile
         self.controller = Controller.from_profile(profile) if profile else None
@@ -383,7 +386,8 @@ class Reranker:
         heads_everywhere = bool(margins) or deadline is not None or record
         ms_per_gflop = self._step_speed_prior(config.width)
         with torch.inference_mode():
-            batches = [self._embed(group, ids, types, lengths) for group in pack(lengths, None, self.batch_tokens)]
+            batches = [self._embed(group, ids, types, lengths)
+                       for group in pack(lengths, None, self.batch_tokens, self.max_padding)]
             for position, layer in enumerate(layers):
                 last = position == len(layers) - 1
                 head = last or (heads_everywhere and model.has_exit(layer))
@@ -445,7 +449,7 @@ class Reranker:
         kept = [[doc for doc in batch.docs if doc not in gone] for batch in batches]
         where = {doc: (index, row) for index, batch in enumerate(batches) for row, doc in enumerate(batch.docs)}
         result = []
-        for group in regroup(kept, lengths, self.batch_tokens):
+        for group in regroup(kept, lengths, self.batch_tokens, self.max_padding):
             sources = sorted({where[doc][0] for doc in group})
             if len(sources) == 1 and batches[sources[0]].docs == group:
                 result.append(batches[sources[0]])

@@ -38,7 +38,7 @@ from ..data import Qrels, Run, Topics, atomic_write, trec_order
 from ..errors import InputError
 from .budget import CostModel, FrontierPoint, RerankConfig, pareto_frontier
 from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving, margins_for
-from .engine import BATCH_TOKENS, Reranker, Trace, assemble, layer_gflops, pack, regroup
+from .engine import BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, layer_gflops, pack, regroup
 
 DEFAULT_MAX_LENGTHS = (64, 128, 256)
 DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
@@ -87,7 +87,8 @@ def dev_queries(run: Run, topics: Topics, collection: Any, qrels: Qrels, candida
 
 
 def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | None, model, top_k: int,
-             batch_tokens: int = BATCH_TOKENS, flops_cache: dict | None = None) -> tuple[list[float], dict[str, float]]:
+             batch_tokens: int = BATCH_TOKENS, max_padding: float = MAX_PADDING,
+             flops_cache: dict | None = None) -> tuple[list[float], dict[str, float]]:
     """Replay the engine on a trace (budget mode: heads after every exit layer): each reranked candidate's
     score (NaN: none) and the work counts the cost model reads."""
     count = min(config.candidates, len(trace.lengths))
@@ -98,7 +99,7 @@ def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | 
     if count == 0:
         return [], work
     cache = flops_cache if flops_cache is not None else {}
-    groups = pack(lengths, None, batch_tokens)
+    groups = pack(lengths, None, batch_tokens, max_padding)
     for position, layer in enumerate(layers):
         last = position == len(layers) - 1
         head = last or model.has_exit(layer)
@@ -121,7 +122,8 @@ def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | 
             leave = leaving(values[torch.tensor(running)], top_k, margins[layer])
             if bool(leave.any()):
                 gone = {p for p, out in zip(running, leave.tolist()) if out}
-                groups = regroup([[p for p in group if p not in gone] for group in groups], lengths, batch_tokens)
+                groups = regroup([[p for p in group if p not in gone] for group in groups], lengths, batch_tokens,
+                                 max_padding)
     return values.tolist(), work
 
 
@@ -213,7 +215,8 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
             continue  # no exit layer runs at this depth, or nothing calibrated: same as exits off
         config_run, works = {}, []
         for query, trace in zip(dev, traces[(config.width, config.depth, config.max_length)]):
-            values, work = simulate(trace, config, margins, reranker.model, top_k, batch_tokens, flops_cache)
+            values, work = simulate(trace, config, margins, reranker.model, top_k, batch_tokens,
+                                    reranker.max_padding, flops_cache)
             config_run[query.qid] = assemble(query.all_docids, values)
             works.append(work)
         simulated[config] = (config_run, works)
