@@ -116,6 +116,34 @@ def test_threads_with_a_budget_hold_it_and_rank_as_one_thread_does(tiny_world):
                 assert stats.latency_ms >= stats.queued_ms + stats.first_stage_ms + stats.rerank_ms - 0.5
 
 
+def test_the_configuration_comes_from_the_share_and_the_profile_not_the_measured_load(tiny_world):
+    pytest.importorskip("rankshrink.rerank", reason="budgets need the engine (rankshrink.rerank)")
+    from rankshrink.model import load_model
+    from rankshrink.rerank import Reranker
+
+    point = {"max_length": 64, "exit_risk": None, "ms_fixed": 0.0}
+    frontier = [{**point, "width": 0.5, "depth": 0.5, "candidates": 10, "ndcg@10": 0.3, "ms_p50": 8, "ms_p95": 10},
+                {**point, "width": 1.0, "depth": 1.0, "candidates": 20, "ndcg@10": 0.5, "ms_p50": 80, "ms_p95": 100}]
+    model = load_model(tiny_world.model)
+
+    def pipeline(**options) -> Pipeline:
+        reranker = Reranker(model, max_length=64, candidates=20, profile={"frontier": frontier})
+        return Pipeline(index=tiny_world.index, model=reranker, collection=tiny_world.collection, concurrency=4,
+                        overhead_ms=20, **options)
+
+    def width(p: Pipeline, budget: float) -> float:
+        return p.search_with_stats(TOPICS["q0"], k=10, budget_ms=budget)[1].config["width"]
+
+    steady = pipeline()
+    assert width(steady, 4000) == 1.0          # share 980 ms: the rich point fits
+    assert width(steady, 400) == 0.5           # share 80 ms: only the cheap one
+    steady.reranker._load = 50.0               # as if the engine had measured a machine 50x slower than profiled
+    assert width(steady, 4000) == 1.0          # ... the configuration does not move
+    adaptive = pipeline(adapt_to_load=True)
+    adaptive.reranker._load = 50.0
+    assert width(adaptive, 4000) == 0.5        # ... unless asked to adapt
+
+
 def test_a_share_of_the_budget_that_leaves_nothing_for_the_reranker_returns_the_first_stage_order(tiny_world):
     pytest.importorskip("rankshrink.rerank", reason="budgets need the engine (rankshrink.rerank)")
     from rankshrink.firststage import BM25

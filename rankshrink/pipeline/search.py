@@ -21,8 +21,9 @@ that a query ranks the same under load as alone, the reranker works to a **fixed
 BM25 on a small index with texts from a collection file; raise it for a large index or texts read from
 the index). With at most ``concurrency`` queries in flight, a query waits for at most ``concurrency - 1``
 turns of at most ``budget_ms / concurrency`` each (the engine's deadline holds each rerank to its share),
-so it ends within its budget, and the reranker chooses from the same share whatever the load, so the
-ranking does not depend on it. The price: a pipeline declared for 4 concurrent queries reranks each
+so it ends within its budget; and the configuration is chosen from that share and the model's profile
+alone (not from the load measured on recent queries, unless ``adapt_to_load``), so the ranking does not
+depend on the load either, as long as no deadline cuts a rerank short. The price: a pipeline declared for 4 concurrent queries reranks each
 query with a quarter of its budget even when it is alone. If more queries arrive than declared, the time
 left is the smaller: the budget still holds, but the ranking may then differ from the unloaded one.
 """
@@ -165,7 +166,10 @@ class Pipeline:
     the first stage's. Passage texts come from ``collection`` (a JSONL/TSV file or ir_datasets id) when
     given, else from the index. ``width``, ``depth``, ``max_length``, ``exits`` fix the reranker when no
     budget is given; ``budget_ms`` (here or per call) lets the reranker choose, inside the budget.
-    ``concurrency`` and ``overhead_ms``: see the module's notes on admission.
+    ``concurrency`` and ``overhead_ms``: see the module's notes on admission. ``adapt_to_load=True`` lets the
+    engine scale its latency predictions by the load it measured on recent queries (budgets then hold on a
+    busier machine with fewer deadline cuts, but a query's configuration, and so its ranking, depends on what
+    ran before it); by default the configuration depends on the budget alone and the deadline covers the rest.
 
     >>> pipeline = Pipeline(index="indexes/dl19-passages", model="models/trec-dl-offline",
     ...                     collection="../shared/trec-dl/dl19/passages.jsonl")
@@ -180,8 +184,8 @@ class Pipeline:
                  first_stage: FirstStageKind = "bm25", dense_index: str | Path | None = None,
                  collection: str | Path | Collection | None = None, width: float = 1.0, depth: float = 1.0,
                  max_length: int = 256, exits: bool = True, dtype: Dtype = "auto", budget_ms: float | None = None,
-                 concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, threads: int | None = None,
-                 **first_stage_options):
+                 concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, adapt_to_load: bool = False,
+                 threads: int | None = None, **first_stage_options):
         if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
             raise InputError(f"candidates must be a positive integer, got {candidates!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
@@ -193,6 +197,7 @@ class Pipeline:
         self.budget_ms = budget_ms
         self.concurrency = concurrency
         self.overhead_ms = float(overhead_ms)
+        self.adapt_to_load = bool(adapt_to_load)
         self.first_stage = _open_first_stage(index, first_stage, dense_index, first_stage_options)
         self.collection = collection if collection is None or hasattr(collection, "texts") else \
             open_collection(collection)
@@ -355,7 +360,7 @@ class Pipeline:
                 rerank_budget = max(0.0, min(share, left))
             if candidates:
                 top = None if top_k is None else min(top_k, len(candidates))
-                result = self.reranker.rerank(query, candidates, texts, budget_ms=rerank_budget, top_k=top)
+                result = self._rerank(query, candidates, texts, rerank_budget, top)
                 scores, config, deadline_hit = result.scores, dict(result.stats.config), result.stats.deadline_hit
             else:
                 scores, config, deadline_hit = {}, {}, False
@@ -366,6 +371,20 @@ class Pipeline:
             budget_ms=budget_ms, rerank_budget_ms=rerank_budget, candidates=len(candidates), config=config,
             deadline_hit=bool(deadline_hit))
         return scores, dict(zip(candidates, texts)), stats
+
+    def _rerank(self, query: str, candidates: dict[str, float], texts: list[str], budget_ms: float | None,
+                top_k: int | None):
+        """The engine's rerank. With a budget and a profile, the configuration comes from the profile's own
+        predictions unless ``adapt_to_load``: the engine would scale them by the load it measured on recent
+        queries, which makes a query's configuration, and so its ranking, depend on what ran before it."""
+        controller = getattr(self.reranker, "controller", None)
+        if budget_ms is None or controller is None or self.adapt_to_load:
+            return self.reranker.rerank(query, candidates, texts, budget_ms=budget_ms, top_k=top_k)
+        limits = self.reranker.config
+        point = controller.choose(budget_ms, len(candidates), 1.0, max_candidates=limits.candidates,
+                                  max_length=limits.max_length)
+        return self.reranker.rerank_config(query, candidates, texts, point.config, top_k=top_k,
+                                           deadline_ms=budget_ms)
 
 
 # ---------------------------------------------------------------------------------------------
