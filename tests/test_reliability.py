@@ -129,7 +129,7 @@ def test_the_configuration_comes_from_the_share_and_the_profile_not_the_measured
     def pipeline(**options) -> Pipeline:
         reranker = Reranker(model, max_length=64, candidates=20, profile={"frontier": frontier})
         return Pipeline(index=tiny_world.index, model=reranker, collection=tiny_world.collection, concurrency=4,
-                        overhead_ms=20, **options)
+                        overhead_ms=20, **{"headroom": 0.0, **options})
 
     def width(p: Pipeline, budget: float) -> float:
         return p.search_with_stats(TOPICS["q0"], k=10, budget_ms=budget)[1].config["width"]
@@ -142,6 +142,9 @@ def test_the_configuration_comes_from_the_share_and_the_profile_not_the_measured
     adaptive = pipeline(adapt_to_load=True)
     adaptive.reranker._load = 50.0
     assert width(adaptive, 4000) == 0.5        # ... unless asked to adapt
+    # headroom: the configuration must fit (1 - headroom) of the share; the deadline is the whole share
+    assert width(pipeline(headroom=0.8), 840) == 0.5      # share 190 ms: the configuration must fit 38 ms
+    assert width(pipeline(headroom=0.0), 840) == 1.0
 
 
 def test_a_share_of_the_budget_that_leaves_nothing_for_the_reranker_returns_the_first_stage_order(tiny_world):

@@ -21,9 +21,11 @@ that a query ranks the same under load as alone, the reranker works to a **fixed
 BM25 on a small index with texts from a collection file; raise it for a large index or texts read from
 the index). With at most ``concurrency`` queries in flight, a query waits for at most ``concurrency - 1``
 turns of at most ``budget_ms / concurrency`` each (the engine's deadline holds each rerank to its share),
-so it ends within its budget; and the configuration is chosen from that share and the model's profile
-alone (not from the load measured on recent queries, unless ``adapt_to_load``), so the ranking does not
-depend on the load either, as long as no deadline cuts a rerank short. The price: a pipeline declared for 4 concurrent queries reranks each
+so it ends within its budget. The configuration is the best one the model's profile predicts to fit
+``(1 - headroom)`` of that share at its 95th percentile (``headroom`` 0.25 by default), from the profile
+alone (not from the load measured on recent queries, unless ``adapt_to_load``): so it does not depend on
+the load, and the deadline, at the full share, seldom has to cut a rerank short, which is what would make
+a ranking differ from the unloaded one. The price: a pipeline declared for 4 concurrent queries reranks each
 query with a quarter of its budget even when it is alone. If more queries arrive than declared, the time
 left is the smaller: the budget still holds, but the ranking may then differ from the unloaded one.
 """
@@ -45,6 +47,7 @@ from ..errors import InputError
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
 Dtype = Literal["auto", "bf16", "fp32"]
 DEFAULT_OVERHEAD_MS = 20.0
+DEFAULT_HEADROOM = 0.25
 
 
 @dataclass(frozen=True)
@@ -166,10 +169,10 @@ class Pipeline:
     the first stage's. Passage texts come from ``collection`` (a JSONL/TSV file or ir_datasets id) when
     given, else from the index. ``width``, ``depth``, ``max_length``, ``exits`` fix the reranker when no
     budget is given; ``budget_ms`` (here or per call) lets the reranker choose, inside the budget.
-    ``concurrency`` and ``overhead_ms``: see the module's notes on admission. ``adapt_to_load=True`` lets the
-    engine scale its latency predictions by the load it measured on recent queries (budgets then hold on a
-    busier machine with fewer deadline cuts, but a query's configuration, and so its ranking, depends on what
-    ran before it); by default the configuration depends on the budget alone and the deadline covers the rest.
+    ``concurrency``, ``overhead_ms`` and ``headroom``: see the module's notes on admission.
+    ``adapt_to_load=True`` lets the engine scale its latency predictions by the load it measured on recent
+    queries (fewer deadline cuts on a busier machine, but a query's configuration, and so its ranking, then
+    depends on what ran before it); by default the configuration depends on the budget alone.
 
     >>> pipeline = Pipeline(index="indexes/dl19-passages", model="models/trec-dl-offline",
     ...                     collection="../shared/trec-dl/dl19/passages.jsonl")
@@ -184,19 +187,22 @@ class Pipeline:
                  first_stage: FirstStageKind = "bm25", dense_index: str | Path | None = None,
                  collection: str | Path | Collection | None = None, width: float = 1.0, depth: float = 1.0,
                  max_length: int = 256, exits: bool = True, dtype: Dtype = "auto", budget_ms: float | None = None,
-                 concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, adapt_to_load: bool = False,
-                 threads: int | None = None, **first_stage_options):
+                 concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, headroom: float = DEFAULT_HEADROOM,
+                 adapt_to_load: bool = False, threads: int | None = None, **first_stage_options):
         if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
             raise InputError(f"candidates must be a positive integer, got {candidates!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise InputError(f"concurrency must be a positive integer, got {concurrency!r}")
         if not overhead_ms >= 0:
             raise InputError(f"overhead_ms must be >= 0, got {overhead_ms!r}")
+        if not 0 <= headroom < 1:
+            raise InputError(f"headroom must be in [0, 1), got {headroom!r}")
         _check_budget(budget_ms)
         self.candidates = candidates
         self.budget_ms = budget_ms
         self.concurrency = concurrency
         self.overhead_ms = float(overhead_ms)
+        self.headroom = float(headroom)
         self.adapt_to_load = bool(adapt_to_load)
         self.first_stage = _open_first_stage(index, first_stage, dense_index, first_stage_options)
         self.collection = collection if collection is None or hasattr(collection, "texts") else \
@@ -374,15 +380,17 @@ class Pipeline:
 
     def _rerank(self, query: str, candidates: dict[str, float], texts: list[str], budget_ms: float | None,
                 top_k: int | None):
-        """The engine's rerank. With a budget and a profile, the configuration comes from the profile's own
-        predictions unless ``adapt_to_load``: the engine would scale them by the load it measured on recent
-        queries, which makes a query's configuration, and so its ranking, depend on what ran before it."""
+        """The engine's rerank. With a budget and a profile, the configuration is the best one the profile
+        predicts to fit ``(1 - headroom) × budget`` (its 95th percentile), and the deadline is the budget: a
+        query slower than predicted still ends in time, and no deadline cuts it short, so it ranks as on a quiet
+        machine. Unless ``adapt_to_load``, the prediction is the profile's own: the engine would scale it by
+        the load it measured on recent queries, which makes the configuration depend on what ran before."""
         controller = getattr(self.reranker, "controller", None)
         if budget_ms is None or controller is None or self.adapt_to_load:
             return self.reranker.rerank(query, candidates, texts, budget_ms=budget_ms, top_k=top_k)
         limits = self.reranker.config
-        point = controller.choose(budget_ms, len(candidates), 1.0, max_candidates=limits.candidates,
-                                  max_length=limits.max_length)
+        point = controller.choose(budget_ms * (1 - self.headroom), len(candidates), 1.0,
+                                  max_candidates=limits.candidates, max_length=limits.max_length)
         return self.reranker.rerank_config(query, candidates, texts, point.config, top_k=top_k,
                                            deadline_ms=budget_ms)
 
