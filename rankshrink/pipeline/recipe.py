@@ -622,12 +622,17 @@ def plot_results(results: Results, path: Path) -> None:
         if row.kind == "first-stage":
             axes.axhline(row.metrics[metric], color="gray", linestyle="--", label=f"{row.name} (first stage)")
     if budgets or fixed:
+        from matplotlib.ticker import FuncFormatter
+
         axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes.xaxis.set_minor_formatter(FuncFormatter(
+            lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
     axes.set_xlabel("median latency per query (ms, log scale)")
     axes.set_ylabel(metric)
     axes.set_title(f"{results.name}: {metric} vs latency ({len(results.queries)} queries)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
     with atomic_write(path, mode="wb") as out:
         figure.savefig(out, format="png")
