@@ -41,7 +41,7 @@ def random_topics(count: int, seed: int = 3) -> dict[str, str]:
 
 
 def test_threads_searching_at_once_rank_exactly_as_one_thread_does(pipeline):
-    topics = random_topics(43)
+    topics = random_topics(20)
     sequential = {qid: pipeline.search(query, k=10) for qid, query in topics.items()}
     results: dict[int, dict] = {}
     errors: list[BaseException] = []
@@ -98,7 +98,7 @@ def test_threads_with_a_budget_hold_it_and_rank_as_one_thread_does(tiny_world):
     budget = 20_000.0
     pipeline = Pipeline(index=tiny_world.index, model=tiny_world.model, collection=tiny_world.collection,
                         candidates=20, max_length=64, concurrency=4, overhead_ms=20)
-    topics = random_topics(43)
+    topics = random_topics(20)
     sequential = {qid: pipeline.search_with_stats(query, k=10, budget_ms=budget) for qid, query in topics.items()}
 
     def one_thread(number: int) -> dict:
