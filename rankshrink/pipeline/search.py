@@ -172,7 +172,8 @@ class Pipeline:
     ``concurrency``, ``overhead_ms`` and ``headroom``: see the module's notes on admission.
     ``adapt_to_load=True`` lets the engine scale its latency predictions by the load it measured on recent
     queries (fewer deadline cuts on a busier machine, but a query's configuration, and so its ranking, then
-    depends on what ran before it); by default the configuration depends on the budget alone.
+    depends on what ran before it); by default the configuration depends on the budget alone. ``threads``:
+    torch intra-op threads, for the whole process (default: those the model's profile was timed with).
 
     >>> pipeline = Pipeline(index="indexes/dl19-passages", model="models/trec-dl-offline",
     ...                     collection="../shared/trec-dl/dl19/passages.jsonl")
@@ -441,6 +442,8 @@ def _open_reranker(model: Any, **options):
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit:  # a longer max_length would index past the position embeddings
         options["max_length"] = min(options["max_length"], int(limit))
+    if options.get("threads") is None:   # as `rankshrink rerank` does: the thread count the profile was timed at
+        options["threads"] = ((getattr(model, "metadata", None) or {}).get("profile") or {}).get("threads")
     return Reranker(model, **options)
 
 
