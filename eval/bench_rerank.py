@@ -139,6 +139,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--split", type=Path, default=REPO.parent / "shared" / "trec-dl" / "dl19")
     parser.add_argument("--run", default="bm25.top100.trec")
+    parser.add_argument("--qrels", type=Path, help="default: SPLIT/qrels.txt")
     parser.add_argument("--queries", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", type=float, nargs="+", default=[25, 50, 100, 200, 400, 1000, 2000])
@@ -154,7 +155,7 @@ def main() -> int:
     arms, notes = arms_for(args.model, args.budgets, args.within, args.threads, args.max_length)
     split = args.split
     result = bench(args.model, read_run(split / "runs" / args.run), read_topics(split / "topics.tsv"),
-                   open_collection(split / "passages.jsonl"), read_qrels(split / "qrels.txt"), arms=arms,
+                   open_collection(split / "passages.jsonl"), read_qrels(args.qrels or split / "qrels.txt"), arms=arms,
                    queries=args.queries, repeats=args.repeats, max_length=args.max_length, threads=args.threads)
     summary = result.summary()
     for name, arm in arms.items():

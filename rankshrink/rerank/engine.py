@@ -43,7 +43,7 @@ import torch
 
 from ..data import trec_order
 from ..errors import InputError
-from .budget import Controller, CostModel, FrontierPoint, RerankConfig
+from .budget import Controller, RerankConfig
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]

@@ -24,9 +24,8 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,11 @@ import torch
 from ..data import Qrels, Run, Topics, atomic_write, trec_order
 from ..errors import InputError
 from .budget import CostModel, FrontierPoint, RerankConfig, pareto_frontier
-from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving, margins_for
+from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
 from .engine import BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, layer_gflops, pack, regroup
 
 DEFAULT_MAX_LENGTHS = (64, 128, 256)
+TIMING_ROUNDS = 4
 DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
 DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.3)
 # exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
@@ -156,10 +156,6 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``queries``:
     profile on this many dev queries (default: all judged ones); ``time_queries``: how many of them time each
     frontier configuration for real. Returns a ``ProfileResult``; ``save_profile`` stores it with the model."""
-    from tqdm.auto import tqdm
-
-    from ..metrics import evaluate
-
     widths = sorted(set(float(w) for w in (widths or model.config.widths)))
     depths = sorted(set(float(d) for d in (depths or model.config.depths)))
     max_lengths = sorted(set(int(n) for n in max_lengths))
@@ -177,83 +173,41 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     machine = _machine()
     reranker = Reranker(model, exits=False, dtype=dtype, threads=threads, batch_tokens=batch_tokens, profile={})
     dev = dev_queries(run, topics, collection, qrels, candidates[-1], queries)
-    dev_qrels = {query.qid: qrels[query.qid] for query in dev}
-
-    # 1. traces
     bases = [(w, d, n) for w in widths for d in depths for n in max_lengths]
-    traces: dict[tuple[float, float, int], list[Trace]] = {}
-    samples: list[tuple[dict, float, float]] = []
-    with tqdm(total=len(bases) * len(dev), desc="tracing", unit="query", disable=not progress,
-              dynamic_ncols=True) as bar:
-        for w, d, n in bases:
-            config = RerankConfig(w, d, n, candidates[-1])
-            traces[(w, d, n)] = []
-            for query in dev:
-                trace = reranker.trace(query.query, query.texts, config)
-                traces[(w, d, n)].append(trace)
-                samples.append((trace.stats.work, w, trace.stats.latency_ms))
-                bar.update()
 
-    # 2. calibration
-    entries = []
-    for (w, d, n), query_traces in traces.items():
-        margins = calibrate_margins([t.layer_scores for t in query_traces], [t.final for t in query_traces], top_k)
-        entries.append({"width": w, "depth": d, "max_length": n, "margins": margins})
+    traces, samples = _trace(reranker, dev, bases, candidates[-1], progress)
     calibration = {"top_k": top_k, "levels": list(LEVELS), "dev": dev_name, "queries": len(dev),
-                   "dtype": "bf16" if reranker.dtype == torch.bfloat16 else "fp32", "entries": entries,
-                   "default_risk": None}
-    model.metadata["calibration"] = calibration
-    reranker.calibration = calibration
-
-    # 3. simulation
+                   "dtype": "bf16" if reranker.dtype == torch.bfloat16 else "fp32", "default_risk": None,
+                   "entries": [{"width": w, "depth": d, "max_length": n,
+                                "margins": calibrate_margins([t.layer_scores for t in traced],
+                                                             [t.final for t in traced], top_k)}
+                               for (w, d, n), traced in traces.items()]}
+    model.metadata["calibration"] = reranker.calibration = calibration
     grid = [RerankConfig(w, d, n, k, risk) for (w, d, n) in bases for k in candidates for risk in risks]
-    simulated: dict[RerankConfig, tuple[Run, list[dict]]] = {}
-    flops_cache: dict = {}
-    for config in tqdm(grid, desc="simulating", unit="config", disable=not progress, dynamic_ncols=True):
-        margins = reranker._margins(config)
-        if config.exit_risk is not None and not margins:
-            continue  # no exit layer runs at this depth, or nothing calibrated: same as exits off
-        config_run, works = {}, []
-        for query, trace in zip(dev, traces[(config.width, config.depth, config.max_length)]):
-            values, work = simulate(trace, config, margins, reranker.model, top_k, batch_tokens,
-                                    reranker.max_padding, flops_cache)
-            config_run[query.qid] = assemble(query.all_docids, values)
-            works.append(work)
-        simulated[config] = (config_run, works)
-    names = {config: f"c{i}" for i, config in enumerate(simulated)}
-    evaluation = evaluate(dev_qrels, {names[c]: r for c, (r, _) in simulated.items()}, ["ndcg@10"])
-    ndcg = {config: evaluation.scores[names[config]]["ndcg@10"] for config in simulated}
+    works, ndcg = _simulate(reranker, dev, traces, grid, {q.qid: qrels[q.qid] for q in dev}, top_k, progress)
 
     def points_with(cost_model: CostModel) -> dict[RerankConfig, FrontierPoint]:
         points = {}
-        for config, (_, works) in simulated.items():
-            predicted = [cost_model.predict(work, config.width) for work in works]
+        for config, query_works in works.items():
+            predicted = [cost_model.predict(work, config.width) for work in query_works]
             points[config] = FrontierPoint(config, ndcg[config], _percentile(predicted, 50),
                                            _percentile(predicted, 95), cost_model.coefficients.get("calls", 0.0))
         return points
 
-    # 4. frontier, timed for real
-    cost_model = CostModel.fit(samples)
-    frontier = pareto_frontier(points_with(cost_model).values(), FRONTIER_MIN_GAIN)
     timing = dev[:time_queries] if time_queries else []
     measured: dict[RerankConfig, list[float]] = {}
-    if timing:
-        with tqdm(total=len(frontier) * len(timing), desc="timing", unit="query", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for point in frontier:
-                budget = 10 * point.ms_p95 + 1000   # a deadline far away: heads as in budget mode, no stop
-                for query in timing:
-                    result = reranker.rerank_config(query.query, query.docids, query.texts, point.config, top_k,
-                                                    deadline_ms=budget)
-                    measured.setdefault(point.config, []).append(result.stats.latency_ms)
-                    samples.append((result.stats.work, point.config.width, result.stats.latency_ms))
-                    bar.update()
+    for round_ in range(TIMING_ROUNDS + 1):
+        # Real timings refit the cost model, which can move new configurations onto the frontier: time those too.
         cost_model = CostModel.fit(samples)
-    points = points_with(cost_model)
-    for config, times in measured.items():
-        points[config] = replace(points[config], measured_ms_p50=_percentile(times, 50),
-                                 measured_ms_p95=_percentile(times, 95))
-    frontier = pareto_frontier(points.values(), FRONTIER_MIN_GAIN)
+        points = points_with(cost_model)
+        for config, times in measured.items():
+            points[config] = replace(points[config], measured_ms_p50=_percentile(times, 50),
+                                     measured_ms_p95=_percentile(times, 95))
+        frontier = pareto_frontier(points.values(), FRONTIER_MIN_GAIN)
+        untimed = [point for point in frontier if point.config not in measured]
+        if not timing or not untimed or round_ == TIMING_ROUNDS:
+            break
+        measured.update(_time(reranker, timing, untimed, top_k, samples, progress))
 
     full = RerankConfig(widths[-1], depths[-1], max_lengths[-1], candidates[-1], None)
     calibration["default_risk"] = _default_risk(ndcg, full, risks)
@@ -269,8 +223,74 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
         "reference": None if reference is None else reference.to_dict(),
         "frontier": [point.to_dict() for point in frontier],
     }
-    all_points = [point.to_dict() for point in points.values()]
-    return ProfileResult(calibration, profile_data, all_points)
+    return ProfileResult(calibration, profile_data, [point.to_dict() for point in points.values()])
+
+
+def _trace(reranker: Reranker, dev: list[_DevQuery], bases: list[tuple[float, float, int]], candidates: int,
+           progress: bool) -> tuple[dict[tuple[float, float, int], list[Trace]], list[tuple[dict, float, float]]]:
+    """Step 1: every (width, depth, max length) on every dev query, timed (the cost model's first samples)."""
+    from tqdm.auto import tqdm
+
+    traces: dict[tuple[float, float, int], list[Trace]] = {}
+    samples: list[tuple[dict, float, float]] = []
+    with tqdm(total=len(bases) * len(dev), desc="tracing", unit="query", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for w, d, n in bases:
+            config = RerankConfig(w, d, n, candidates)
+            traces[(w, d, n)] = []
+            for query in dev:
+                trace = reranker.trace(query.query, query.texts, config)
+                traces[(w, d, n)].append(trace)
+                samples.append((trace.stats.work, w, trace.stats.latency_ms))
+                bar.update()
+    return traces, samples
+
+
+def _simulate(reranker: Reranker, dev: list[_DevQuery], traces: Mapping[tuple[float, float, int], list[Trace]],
+              grid: list[RerankConfig], dev_qrels: Qrels, top_k: int, progress: bool
+              ) -> tuple[dict[RerankConfig, list[dict]], dict[RerankConfig, float]]:
+    """Step 3: each configuration's work per dev query and its dev nDCG@10, replayed from the traces."""
+    from tqdm.auto import tqdm
+
+    from ..metrics import evaluate
+
+    runs: dict[RerankConfig, Run] = {}
+    works: dict[RerankConfig, list[dict]] = {}
+    flops_cache: dict = {}
+    for config in tqdm(grid, desc="simulating", unit="config", disable=not progress, dynamic_ncols=True):
+        margins = reranker._margins(config)
+        if config.exit_risk is not None and not margins:
+            continue  # no exit layer runs at this depth, or nothing calibrated: the same as exits off
+        runs[config], works[config] = {}, []
+        for query, trace in zip(dev, traces[(config.width, config.depth, config.max_length)]):
+            values, work = simulate(trace, config, margins, reranker.model, top_k, reranker.batch_tokens,
+                                    reranker.max_padding, flops_cache)
+            runs[config][query.qid] = assemble(query.all_docids, values)
+            works[config].append(work)
+    names = {config: f"c{i}" for i, config in enumerate(runs)}
+    evaluation = evaluate(dev_qrels, {names[config]: run for config, run in runs.items()}, ["ndcg@10"])
+    return works, {config: evaluation.scores[names[config]]["ndcg@10"] for config in runs}
+
+
+def _time(reranker: Reranker, timing: list[_DevQuery], frontier: list[FrontierPoint], top_k: int,
+          samples: list[tuple[dict, float, float]], progress: bool) -> dict[RerankConfig, list[float]]:
+    """Step 4: the frontier configurations rerank dev queries for real; their timings join ``samples``."""
+    from tqdm.auto import tqdm
+
+    measured: dict[RerankConfig, list[float]] = {}
+    if not timing:
+        return measured
+    with tqdm(total=len(frontier) * len(timing), desc="timing", unit="query", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for point in frontier:
+            far = 10 * point.ms_p95 + 1000   # a deadline that never stops it, so heads run as in budget mode
+            for query in timing:
+                result = reranker.rerank_config(query.query, query.docids, query.texts, point.config, top_k,
+                                                deadline_ms=far)
+                measured.setdefault(point.config, []).append(result.stats.latency_ms)
+                samples.append((result.stats.work, point.config.width, result.stats.latency_ms))
+                bar.update()
+    return measured
 
 
 def _default_risk(ndcg: Mapping[RerankConfig, float], full: RerankConfig, risks: Sequence[float | None]) -> float | None:
