@@ -32,6 +32,13 @@ repository root, as in ``indexes/*.yaml``)::
         - {width: 0.5, depth: 0.5, name: w50-d50}
       budgets_ms: [50, 100, 200, 400]    # per-query budgets, one run each: the controller chooses
       threads: 1                     # queries in flight at once (admission plans for this many)
+    profile:                         # optional: dev data to profile the model on when it has no profile yet
+      run: ../shared/trec-dl/dl21/runs/bm25.top100.trec   # (budget rows need one: rankshrink profile)
+      topics: ../shared/trec-dl/dl21/topics.tsv
+      collection: ../shared/trec-dl/dl21/passages.jsonl
+      qrels: ../shared/trec-dl/dl21/qrels.txt
+      queries: 30                    # optional: profile on the first N judged dev queries; also time_queries,
+                                     # max_lengths, candidates: as rankshrink profile's options
     eval:
       qrels: ../shared/trec-dl/dl19/qrels.txt        # file or ir_datasets id (required)
       metrics: [ndcg@10, mrr@10, map, recall@100]    # the first one is plotted against latency
@@ -72,7 +79,9 @@ RESULTS_FORMAT = "rankshrink-results/1"
 
 # Each section's keys and what their values must be; train: is opaque (owned by rankshrink train).
 _TOP_KEYS = {"name": str, "description": str, "train": dict, "index": dict, "search": dict, "rerank": dict,
-             "eval": dict, "output": str, "runs": str}
+             "profile": dict, "eval": dict, "output": str, "runs": str}
+_PROFILE_KEYS = {"run": str, "topics": str, "collection": str, "qrels": str, "queries": int, "time_queries": int,
+                 "max_lengths": list, "candidates": list}
 _INDEX_KEYS = {"recipe": str, "collection": str, "index": str, "threads": int, "description": str, "source": str,
                "dense": bool, "encoder": str, "faiss": str, "dtype": str, "max_length": int}
 _SEARCH_KEYS = {"topics": str, "k": int, "run": str, "first_stage": str, "index": str, "dense_index": str, "k1": float,
@@ -101,6 +110,7 @@ class Recipe:
     output: Path
     runs: Path
     train: dict[str, Any] | None = None   # opaque: handed to rankshrink.train as it is
+    profile: dict[str, Any] | None = None
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -159,10 +169,15 @@ def read_recipe(path: str | Path) -> Recipe:
     evaluation.setdefault("baseline", search["name"])
     evaluation.setdefault("tolerance", 0.002)
     evaluation.setdefault("budget_tolerance", 0.02)
+    profile = None
+    if raw.get("profile") is not None:
+        profile = _check_keys(dict(raw["profile"]), _PROFILE_KEYS, path, "profile.")
+        for key in ("run", "topics", "collection", "qrels"):
+            _require(profile, key, path, "profile.")
     name = raw.get("name") or path.name.removesuffix(".yaml").removesuffix(".yml")
     return Recipe(path=path, name=name, description=raw.get("description", ""), index=index, search=search,
                   rerank=rerank, eval=evaluation, output=Path(raw.get("output") or Path("eval") / name),
-                  runs=Path(raw.get("runs") or Path("runs") / name), train=raw.get("train"))
+                  runs=Path(raw.get("runs") or Path("runs") / name), train=raw.get("train"), profile=profile)
 
 
 def _index_section(section: dict | None, path: Path) -> dict | None:
@@ -332,6 +347,8 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, queries: int
             raise InputError(f"queries must be >= 1, got {queries}")
         topics = dict(list(topics.items())[:queries])
     model = _ensure_model(recipe, log)
+    if budgets:
+        _ensure_profile(recipe, model, progress, log)
     _ensure_index(recipe, progress, log)
 
     first_stage, first_stats = _first_stage_run(recipe, topics, log)
@@ -379,6 +396,28 @@ def _ensure_model(recipe: Recipe, log) -> str | None:
     if not Path(model).exists():
         raise InputError(f"{recipe.path}: training finished in {trained}, but rerank.model names {model}")
     return model
+
+
+def _ensure_profile(recipe: Recipe, model: str | None, progress: bool, log) -> None:
+    """Budget rows need the model's profile: make it from the recipe's profile: section when it is missing."""
+    if model is None or not recipe.rerank["budgets_ms"] or recipe.profile is None:
+        return
+    from ..model.io import MANIFEST
+
+    manifest = Path(model) / MANIFEST
+    if not manifest.is_file() or (json.loads(manifest.read_text(encoding="utf-8")).get("metadata") or {}).get("profile"):
+        return
+    from ..model import load_model
+    from ..rerank.profiling import profile, save_profile
+
+    section = recipe.profile
+    grid = {key: section[key] for key in ("max_lengths", "candidates") if key in section}
+    log(f"{model} has no profile: profiling it on {section['run']} first (rankshrink profile)")
+    result = profile(load_model(model), read_run(section["run"]), read_topics(section["topics"]),
+                     open_collection(section["collection"]), read_qrels(section["qrels"]), **grid,
+                     queries=section.get("queries"), time_queries=section.get("time_queries", 20),
+                     dtype=recipe.rerank["dtype"], progress=progress, dev_name=f"{section['run']} ({section['qrels']})")
+    save_profile(model, result)
 
 
 def _ensure_index(recipe: Recipe, progress: bool, log) -> None:

@@ -191,9 +191,11 @@ class Trainer:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "loss": float(loss.detach()), **{k: round(float(v), 5) for k, v in parts.items()},
+            loss_value = float(loss.detach())
+            record = {"step": step + 1, "loss": loss_value,
+                      **{k: round(float(torch.as_tensor(v).detach()), 5) for k, v in parts.items()},
                       "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - started, 2)}
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
             done_steps = step + 1
             if stage == "full" and held_out and stage_spec.eval_every and done_steps % stage_spec.eval_every == 0:
                 record["held_out_ndcg@10"] = self.dev_scores(model, held_out, configs=((1.0, 1.0),))["1.0x1.0"]
