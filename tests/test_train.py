@@ -155,6 +155,7 @@ def test_run_and_fusion_teachers(tiny_data):
     ({"stages": {"fll": {}}}, r"unknown stage\(s\) \['fll'\]"),
     ({"stages": {"full": {"stepz": 3}}}, r"train.stages.full: unknown key\(s\) \['stepz'\]"),
     ({"dtype": "fp16"}, "expected bf16 or fp32"),
+    ({"losses": {"reference": "teacher"}}, "train.losses.reference must be frozen or inplace"),
 ])
 def test_recipe_errors_name_the_key(tiny_data, change, message):
     section = tiny_section(tiny_data)
@@ -185,6 +186,8 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     for stage in ("full", "width", "depth"):
         lines = (tiny_data["dir"] / "cache" / "logs" / f"{stage}.jsonl").read_text().splitlines()
         assert len(lines) == 3 + (stage == "full") and "loss" in json.loads(lines[0])
+    # width and depth stages distilled from a frozen copy of the network as rewiring left it (DynaBERT)
+    assert len(list((tiny_data["dir"] / "cache" / "checkpoints").glob("*/reference/rankshrink.json"))) == 1
     second = train(tiny_section(tiny_data, output=str(tiny_data["dir"] / "again"), cache=str(tiny_data["dir"] / "c2")))
     assert all(torch.equal(first[name], second[name]) for name in first)
     base = load_model(tiny_data["base"]).state_dict()

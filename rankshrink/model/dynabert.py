@@ -174,8 +174,10 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 
 def use_fused_kernels(x: torch.Tensor, training: bool) -> bool:
+    # oneDNN's fused ops do not autocast: under torch.autocast (a frozen teacher while training) use F.linear.
     return (_ONEDNN and not training and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing())
+            and x.dtype in (torch.float32, torch.bfloat16) and not torch.jit.is_tracing()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused: bool,

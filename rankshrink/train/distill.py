@@ -105,6 +105,8 @@ class Trainer:
                 stage_spec: StageSpec = getattr(self.spec, stage)
                 if stage_spec.steps > 0:
                     resume = state if state and state.get("stage") == stage else None
+                    if stage in ("width", "depth") and self.spec.losses.reference == "frozen":
+                        self.reference = self._frozen_reference(model)
                     self._train_stage(stage, stage_spec, model, train, held_out, resume, summary)
             if held_out:
                 summary["dev"][stage] = self.dev_scores(model, held_out)
@@ -124,6 +126,17 @@ class Trainer:
         return Path(self.spec.output)
 
     # -- stages ---------------------------------------------------------------------------------
+
+    def _frozen_reference(self, model: DynamicCrossEncoder) -> DynamicCrossEncoder:
+        """The network as the full stage (and rewiring) left it, frozen: what width and depth stages distill
+        from. Saved with the checkpoints, so a resumed run distills from the same one."""
+        directory = self.checkpoint_dir / "reference"
+        if not (directory / "rankshrink.json").is_file():
+            save_model(model, directory)
+        reference = load_model(directory).eval()
+        for parameter in reference.parameters():
+            parameter.requires_grad_(False)
+        return reference
 
     def _rewire(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup]) -> None:
         rng = random.Random(self.spec.seed + 1)
@@ -244,6 +257,11 @@ class Trainer:
                 parts[name] = parts.get(name, 0) + weight * value()
 
         full = None
+        frozen = stage in ("width", "depth") and weights.reference == "frozen"
+        if frozen:  # DynaBERT: every configuration, the full one too, learns from the frozen reference
+            with torch.no_grad():
+                full = self.reference(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                                      output_hidden_states=with_hidden)
         for width, depth in configs:
             out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=width, depth=depth,
                         exits="all" if with_exits else None, output_hidden_states=with_hidden)
@@ -253,7 +271,7 @@ class Trainer:
                     add("teacher_kl", weights.teacher_kl, lambda: listwise_kl(out.score, teacher, temperature))
                 if grades is not None:
                     add("labels_ce", weights.labels_ce, lambda: listwise_ce(out.score, grades, weights.label_temperature))
-            else:  # sub-networks learn from the full network (in place)
+            else:  # sub-networks learn from the full network (in place, or the frozen reference)
                 target = full.score.detach()
                 add("inplace_kl", weights.inplace_kl, lambda: listwise_kl(out.score, target, temperature))
                 if with_hidden:

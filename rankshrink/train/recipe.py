@@ -74,6 +74,11 @@ class LossWeights:
     exit_kl: float = 1.0            # exit heads ← the final layer's scores (FastBERT self-distillation)
     sub_labels_ce: float = 0.0      # sub-networks ← graded labels directly (the labels-only ablation)
     exit_labels_ce: float = 0.0     # exit heads ← graded labels directly (the labels-only ablation)
+    # What width and depth stages distill from. "frozen" (DynaBERT): every configuration, the full one included,
+    # learns from a frozen copy of the network as the full stage left it, so the full network does not drift
+    # (with ~100 training queries, training it on teacher and labels for longer overfits). "inplace": the full
+    # network keeps learning from teacher and labels, the sub-networks from it.
+    reference: str = "frozen"
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         section["rewire_lists"] = int(rewire.get("lists", 64))
     if "losses" in section:
         section["losses"] = _build(LossWeights, section["losses"] or {}, f"{where}.losses")
+        if section["losses"].reference not in ("frozen", "inplace"):
+            raise InputError(f"{where}.losses.reference must be frozen or inplace, got {section['losses'].reference!r}")
     for key in ("widths", "depths"):
         if key in section:
             section[key] = tuple(float(value) for value in section[key])
