@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, shared_path
 from rankshrink.data import Collection, write_run
 from rankshrink.errors import InputError
-from rankshrink.train import Trainer, build_groups, sample_list, train_spec_from_dict
+from rankshrink.train import Trainer, build_groups, sample_list, train_recipe, train_spec_from_dict
 from rankshrink.train.losses import hidden_mse, listwise_ce, listwise_kl
 from rankshrink.train.teacher import FusionTeacher, RunTeacher, Teacher, score_groups
 from test_model_fixtures import PASSAGES, QUERIES, tiny_hf_cross_encoder
@@ -228,3 +228,17 @@ def test_offline_recipe_smoke_run(tmp_path):
     model = load_model(tmp_path / "model-smoke")
     assert model.rewiring is not None and len(model.exits) == 5
     assert set(model.metadata["training"]["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth"}
+
+
+def test_the_labels_only_ablation_trains_on_labelled_queries_without_a_teacher(tiny_data):
+    d = tiny_data["dir"]
+    unlabelled = {"name": "unlabelled", "topics": str(d / "topics.tsv"), "collection": str(d / "passages.jsonl"),
+                  "runs": tiny_data["runs"]}
+    section = tiny_section(tiny_data, output=str(d / "labels-only"), cache=str(d / "c-labels"),
+                           losses={"teacher_kl": 0, "inplace_kl": 0, "hidden_mse": 0, "exit_kl": 0,
+                                   "sub_labels_ce": 1, "exit_labels_ce": 1})
+    section["data"] = section["data"] + [unlabelled]
+    messages = []
+    train_recipe(section, progress=False, log=messages.append)
+    assert any("without labels left out" in message for message in messages)
+    assert not (d / "c-labels" / "teacher").exists()          # no teacher was asked for anything

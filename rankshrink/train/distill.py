@@ -74,7 +74,14 @@ class Trainer:
             train += build_groups(topics, runs, collection, qrels=qrels, queries=train_qids, source=data.name)
             if held_qids:
                 held_out += build_groups(topics, runs, collection, qrels=qrels, queries=held_qids, source=data.name)
-        if self.spec.teacher:
+        if not self.spec.losses.teacher_kl:   # labels only (an ablation): unlabelled lists teach nothing
+            unlabelled = sum(group.labels is None for group in train)
+            train = [group for group in train if group.labels is not None]
+            if unlabelled:
+                self.log(f"losses.teacher_kl is 0: {unlabelled} training queries without labels left out")
+            if not train:
+                raise ValueError("losses.teacher_kl is 0 and no training query has labels (qrels)")
+        elif self.spec.teacher:
             runs_by_source = {data.name: {name: Path(path) for name, path in data.runs.items()}
                               for data in self.spec.data}
             teacher = teacher_from_spec(self.spec.teacher, runs_by_source)
