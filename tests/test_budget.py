@@ -3,6 +3,7 @@ engine, and a whole profile of a tiny model saved with it and used by budgeted r
 from __future__ import annotations
 
 import json
+import time
 import math
 import random
 
@@ -193,6 +194,15 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     assert [large.stats.config[k] for k in ("width", "depth", "candidates")] == \
         [best["width"], best["depth"], best["candidates"]]
     assert not large.stats.deadline_hit and large.stats.predicted_ms is not None
+
+    # one very slow call (a stall) does not make later calls refuse their first step
+    real_run_layer = reloaded.run_layer
+    reloaded.run_layer = lambda *args, **kwargs: (time.sleep(0.2), real_run_layer(*args, **kwargs))[1]
+    reranker.rerank("cat", candidates, texts, budget_ms=600_000)
+    reloaded.run_layer = real_run_layer
+    reranker._load = 1.0                               # the load estimate, adaptive by design, aside
+    after = reranker.rerank("cat", candidates, texts, budget_ms=20 * max(best["ms_p95"], 2.0))
+    assert not after.stats.deadline_hit
 
 
 def test_save_profile_needs_a_rankshrink_directory(tiny_dir, tiny, tmp_path):

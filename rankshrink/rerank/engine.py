@@ -269,7 +269,6 @@ class Reranker:
         self.controller = Controller.from_profile(profile) if profile else None
         self._load = 1.0
         self._load_lock = threading.Lock()
-        self._step_speeds: dict[float, float] = {}   # width -> ms per GFLOP of the last query's steps
         self._warned_no_profile = False
 
     def __repr__(self) -> str:
@@ -419,7 +418,6 @@ class Reranker:
                     break
                 if margins and layer in margins:
                     batches = self._exit(batches, outcome.scores, top_k, margins[layer], lengths)
-        self._remember_step_speed(config.width, ms_per_gflop)
         return outcome.finish(began)
 
     def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
@@ -473,17 +471,13 @@ class Reranker:
     # -- speed and load ----------------------------------------------------------------------------
 
     def _step_speed_prior(self, width: float) -> float:
-        """ms per GFLOP expected for the first micro-batch step (0: unknown, no step is refused before one ran)."""
-        if width in self._step_speeds:
-            return self._step_speeds[width]
+        """ms per GFLOP expected for a call's first micro-batch step: the profile's, scaled by the load measured
+        on recent calls (0 without a profile: the first step always runs). Not the last call's own step speed:
+        one slow step (a new batch shape, a page fault) would then refuse every later call's first step, and
+        a step that never runs never corrects it."""
         if self.controller is not None and self.controller.cost_model is not None:
             return self.controller.cost_model.gflop_cost(width) * self._load
         return 0.0
-
-    def _remember_step_speed(self, width: float, ms_per_gflop: float) -> None:
-        if ms_per_gflop > 0:
-            with self._load_lock:
-                self._step_speeds = {**self._step_speeds, width: ms_per_gflop}
 
     def _observe(self, config: RerankConfig, work: Mapping[str, float], elapsed_ms: float) -> None:
         cost_model = self.controller.cost_model if self.controller is not None else None
