@@ -34,12 +34,14 @@ from rankshrink.rerank.budget import Controller, RerankConfig  # noqa: E402
 FULL = "full, no exits"
 
 
-def arms_for(model_dir: Path, budgets: list[float], within: float, threads: int, max_length: int) -> tuple[dict, dict]:
+def arms_for(model_dir: Path, budgets: list[float], within: float, threads: int, max_length: int,
+             other_threads: bool = True) -> tuple[dict, dict]:
     manifest = json.loads((model_dir / "rankshrink.json").read_text()) if (model_dir / "rankshrink.json").is_file() else {}
     metadata = manifest.get("metadata") or {}
     full = RerankConfig(1.0, 1.0, max_length, 100, None)
-    arms = {FULL: Arm(config=full, threads=threads),
-            f"{FULL}, {3 - threads} thread{'s' if 3 - threads > 1 else ''}": Arm(config=full, threads=3 - threads)}
+    arms = {FULL: Arm(config=full, threads=threads)}
+    if other_threads:
+        arms[f"{FULL}, {3 - threads} thread{'s' if 3 - threads > 1 else ''}"] = Arm(config=full, threads=3 - threads)
     arms[f"{FULL}, fp32"] = Arm(config=full, threads=threads, dtype="fp32")   # what bf16 costs in nDCG, buys in time
     notes = {}
     if (metadata.get("calibration") or {}).get("default_risk"):
@@ -140,6 +142,7 @@ def main() -> int:
     parser.add_argument("--split", type=Path, default=REPO.parent / "shared" / "trec-dl" / "dl19")
     parser.add_argument("--run", default="bm25.top100.trec")
     parser.add_argument("--qrels", type=Path, help="default: SPLIT/qrels.txt")
+    parser.add_argument("--no-other-threads", action="store_true", help="skip the full network at the other thread count")
     parser.add_argument("--queries", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", type=float, nargs="+", default=[25, 50, 100, 200, 400, 1000, 2000])
@@ -152,7 +155,8 @@ def main() -> int:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
 
-    arms, notes = arms_for(args.model, args.budgets, args.within, args.threads, args.max_length)
+    arms, notes = arms_for(args.model, args.budgets, args.within, args.threads, args.max_length,
+                           other_threads=not args.no_other_threads)
     split = args.split
     result = bench(args.model, read_run(split / "runs" / args.run), read_topics(split / "topics.tsv"),
                    open_collection(split / "passages.jsonl"), read_qrels(args.qrels or split / "qrels.txt"), arms=arms,
