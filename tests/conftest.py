@@ -3,12 +3,18 @@ RANKSHRINK_SHARED points elsewhere."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RANKSHRINK_SHARED", REPO.parent / "shared"))
+
+# A shell's background job starts with SIGINT ignored, and so would every command the Ctrl-C tests start:
+# give this process Python's handler back (children then start with the default action, as from a terminal).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shared_path(*parts: str) -> Path:

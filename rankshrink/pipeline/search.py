@@ -22,7 +22,7 @@ BM25 on a small index with texts from a collection file; raise it for a large in
 the index). With at most ``concurrency`` queries in flight, a query waits for at most ``concurrency - 1``
 turns of at most ``budget_ms / concurrency`` each (the engine's deadline holds each rerank to its share),
 so it ends within its budget. The configuration is the best one the model's profile predicts to fit
-``(1 - headroom)`` of that share at its 95th percentile (``headroom`` 0.25 by default), from the profile
+``(1 - headroom)`` of that share at its 95th percentile (``headroom`` 0.4 by default), from the profile
 alone (not from the load measured on recent queries, unless ``adapt_to_load``): so it does not depend on
 the load, and the deadline, at the full share, seldom has to cut a rerank short, which is what would make
 a ranking differ from the unloaded one. The price: a pipeline declared for 4 concurrent queries reranks each
@@ -47,7 +47,7 @@ from ..errors import InputError
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
 Dtype = Literal["auto", "bf16", "fp32"]
 DEFAULT_OVERHEAD_MS = 20.0
-DEFAULT_HEADROOM = 0.25
+DEFAULT_HEADROOM = 0.4   # at 0.25, 4 threads x dl19 had deadline cuts on 71 of 172 searches (eval/bench_pipeline.md)
 
 
 @dataclass(frozen=True)
