@@ -43,7 +43,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--overhead-ms", type=float, default=20.0)
-    parser.add_argument("--headroom", type=float, default=0.25)
+    parser.add_argument("--headroom", type=float, help="default: Pipeline's")
     parser.add_argument("--variants", action="store_true", help="also run the two designs admission replaced")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--markdown", type=Path, help="write a report here")
@@ -204,7 +204,10 @@ def main() -> int:
 
     from rankshrink.data import read_qrels, read_topics
     from rankshrink.pipeline import Pipeline
+    from rankshrink.pipeline.search import DEFAULT_HEADROOM
 
+    if args.headroom is None:
+        args.headroom = DEFAULT_HEADROOM
     topics, qrels = read_topics(args.topics), read_qrels(args.qrels)
     common = dict(index=args.index, collection=args.collection, candidates=args.candidates,
                   overhead_ms=args.overhead_ms, headroom=args.headroom)
