@@ -64,6 +64,8 @@ def score_queries(model, run, topics, collection, max_length: int, configs, exit
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="NAME=DIR: the trained model, every sub-network and exit")
+    parser.add_argument("--append", action="store_true",
+                        help="keep OUTPUT/results.json's rows for --model (scored earlier) and add only the ablations")
     parser.add_argument("--ablation", action="append", default=[], help="NAME=DIR: ablation rows (4 configs each)")
     parser.add_argument("--split", type=Path, default=SHARED)
     parser.add_argument("--max-length", type=int, default=256)
@@ -79,9 +81,12 @@ def main() -> int:
     topics, qrels = read_topics(args.split / "topics.tsv"), read_qrels(args.split / "qrels.txt")
     qrels = {qid: judged for qid, judged in qrels.items() if qid in run}
     collection = open_collection(args.split / "passages.jsonl")
-    rows = []
-    for spec, configs, exits in [(args.model, [(w, d) for d in DEPTHS for w in WIDTHS], True),
-                                 *((spec, ABLATION_CONFIGS, False) for spec in args.ablation)]:
+    rows, main_name = [], args.model.partition("=")[0]
+    todo = [(args.model, [(w, d) for d in DEPTHS for w in WIDTHS], True)]
+    if args.append:
+        rows = [row for row in json.loads((args.output / "results.json").read_text())["rows"] if row["model"] == main_name]
+        todo = []
+    for spec, configs, exits in [*todo, *((spec, ABLATION_CONFIGS, False) for spec in args.ablation)]:
         name, _, directory = spec.partition("=")
         model = load_model(directory).eval()
         runs, gflops = score_queries(model, run, topics, collection, args.max_length, configs, exits)
@@ -103,7 +108,7 @@ def main() -> int:
     with atomic_write(args.output / "table.md") as out:
         out.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, args.model.partition("=")[0], args.output / "ndcg-vs-flops.png")
+    plot(rows, main_name, args.output / "ndcg-vs-flops.png")
     return 0
 
 
