@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,16 @@ from ..errors import InputError
 from .groups import TrainingGroup
 
 
-class Teacher:
+class Teacher(ABC):
     """Scores the candidates of training groups: one float32 array per group."""
 
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What the cache key is made of: kind, model or run, and its settings."""
 
+    @abstractmethod
     def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
-        raise NotImplementedError
+        """One float32 array per group, aligned with its candidates."""
 
 
 def model_fingerprint(name_or_path: str) -> dict[str, str]:
