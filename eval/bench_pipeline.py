@@ -204,7 +204,7 @@ def main() -> int:
 
     from rankshrink.data import read_qrels, read_topics
     from rankshrink.pipeline import Pipeline
-    from rankshrink.pipeline.search import DEFAULT_HEADROOM
+    from rankshrink.rerank.budget import DEFAULT_HEADROOM
 
     if args.headroom is None:
         args.headroom = DEFAULT_HEADROOM

@@ -195,6 +195,18 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
         [best["width"], best["depth"], best["candidates"]]
     assert not large.stats.deadline_hit and large.stats.predicted_ms is not None
 
+    # the configuration fits (1 - headroom) of the budget, the deadline the whole budget
+    points = Controller.from_profile(result.profile).frontier
+    if len(points) > 1:   # (always, with this seed)
+        tight = points[-1].predicted_p95(30) * 1.2
+        planned = {headroom: Reranker(reloaded, max_length=48, dtype="fp32", headroom=headroom)
+                   .rerank("cat", candidates, texts, budget_ms=tight).stats for headroom in (0.0, 0.4)}
+        assert planned[0.0].config["width"] == best["width"] and planned[0.0].config["depth"] == best["depth"]
+        assert planned[0.4].predicted_ms <= 0.6 * tight or planned[0.4].config == small.stats.config
+        assert planned[0.4].predicted_ms < planned[0.0].predicted_ms
+    with pytest.raises(InputError, match="headroom"):
+        Reranker(reloaded, headroom=1.0)
+
     # one very slow call (a stall) does not make later calls refuse their first step
     real_run_layer = reloaded.run_layer
     reloaded.run_layer = lambda *args, **kwargs: (time.sleep(0.2), real_run_layer(*args, **kwargs))[1]

@@ -43,11 +43,11 @@ from typing import Any, Literal
 
 from ..data import Collection, Run, open_collection, trec_order
 from ..errors import InputError
+from ..rerank.budget import DEFAULT_HEADROOM
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
 Dtype = Literal["auto", "bf16", "fp32"]
 DEFAULT_OVERHEAD_MS = 20.0
-DEFAULT_HEADROOM = 0.4   # at 0.25, 4 threads x dl19 had deadline cuts on 71 of 172 searches (eval/bench_pipeline.md)
 
 
 @dataclass(frozen=True)
@@ -387,10 +387,11 @@ class Pipeline:
         machine. Unless ``adapt_to_load``, the prediction is the profile's own: the engine would scale it by
         the load it measured on recent queries, which makes the configuration depend on what ran before."""
         controller = getattr(self.reranker, "controller", None)
-        if budget_ms is None or controller is None or self.adapt_to_load:
+        if budget_ms is None or controller is None:
             return self.reranker.rerank(query, candidates, texts, budget_ms=budget_ms, top_k=top_k)
         limits = self.reranker.config
-        point = controller.choose(budget_ms * (1 - self.headroom), len(candidates), 1.0,
+        load = self.reranker.load if self.adapt_to_load else 1.0
+        point = controller.choose(budget_ms * (1 - self.headroom), len(candidates), load,
                                   max_candidates=limits.candidates, max_length=limits.max_length)
         return self.reranker.rerank_config(query, candidates, texts, point.config, top_k=top_k,
                                            deadline_ms=budget_ms)

@@ -4,8 +4,10 @@ A **configuration** fixes every knob of one rerank: width, depth, max length, ho
 to rerank, and the exit risk (None: no early exit). ``rankshrink profile`` (``profiling.py``) measures on this
 machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
 configurations no other beats on both. The **controller** picks, for a budget, the frontier configuration
-with the best dev nDCG whose predicted 95th-percentile latency fits; the engine's deadline covers the
-queries where the prediction is wrong.
+with the best dev nDCG whose predicted 95th-percentile latency fits ``(1 - headroom)`` of the budget; the
+engine's deadline, at the whole budget, covers the queries where the prediction is wrong. The headroom is
+what keeps the deadline from cutting: a cut rerank ranks its remaining documents by stale exit scores,
+which can rank worse than a smaller configuration run to the end.
 
 The **cost model** is linear in the work a rerank does, which the engine counts (``QueryStats.work``):
 ``ms = c_calls + c_pairs·pairs + c_tokens·tokens + c_steps·steps + c_heads·heads + c_w·GFLOPs``, with one
@@ -26,6 +28,10 @@ from typing import Any
 from ..errors import InputError
 
 WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
+# Share of a budget the chosen configuration's predicted p95 leaves free. At 0.25, 4 threads x dl19 had
+# deadline cuts on 71 of 172 searches (eval/bench_pipeline.md); at 0 the bench's 400 ms budget ranked
+# worse than its 200 ms one (36 cuts, eval/README.md).
+DEFAULT_HEADROOM = 0.4
 
 
 @dataclass(frozen=True)

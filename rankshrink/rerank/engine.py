@@ -43,7 +43,7 @@ import torch
 
 from ..data import trec_order
 from ..errors import InputError
-from .budget import Controller, RerankConfig
+from .budget import DEFAULT_HEADROOM, Controller, RerankConfig
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -226,7 +226,9 @@ class Reranker:
     (none when the model has no calibration for this width and depth); a float is the exit risk itself
     (``calibration.py``); False runs every document through every layer. ``dtype``: "auto" (bf16 where the
     CPU has bf16 arithmetic), "bf16", "fp32". ``threads``: torch intra-op threads, set for the whole process
-    (None leaves torch's setting). ``rerank`` is thread-safe.
+    (None leaves torch's setting). ``headroom``: with a budget, the controller picks the best configuration
+    whose predicted p95 (scaled by the load measured on recent calls) fits ``(1 - headroom) × budget``; the
+    deadline is the whole budget. ``rerank`` is thread-safe.
 
     >>> reranker = Reranker(rankshrink.load_model("models/trec-dl"), exits=False, dtype="fp32")   # doctest: +SKIP
     >>> reranker.rerank("cat", {"a": 2.0, "b": 1.0}, ["Paris is in France.", "A cat."]).ranking()  # doctest: +SKIP
@@ -236,7 +238,7 @@ class Reranker:
     def __init__(self, model: Any, width: float = 1.0, depth: float = 1.0, max_length: int = 256,
                  candidates: int = 100, exits: bool | float = True, dtype: Dtype = "auto",
                  threads: int | None = None, *, batch_tokens: int = BATCH_TOKENS, max_padding: float = MAX_PADDING,
-                 profile: Mapping[str, Any] | None = None):
+                 headroom: float = DEFAULT_HEADROOM, profile: Mapping[str, Any] | None = None):
         if isinstance(model, (str, Path)):
             from ..model import load_model
 
@@ -262,6 +264,9 @@ class Reranker:
         self.threads = threads
         if not 0 <= max_padding <= 1:
             raise InputError(f"max_padding must be a fraction in [0, 1], got {max_padding!r}")
+        if not 0 <= headroom < 1:
+            raise InputError(f"headroom must be in [0, 1), got {headroom!r}")
+        self.headroom = float(headroom)
         self.batch_tokens = batch_tokens
         self.max_padding = float(max_padding)
         self._tokenizer_lock = _tokenizer_lock(model.tokenizer)
@@ -299,15 +304,15 @@ class Reranker:
                top_k: int | None = None) -> RerankResult:
         """New scores for ``candidates`` (docid → first-stage score, or docids in first-stage order).
         ``texts``: docid → passage, or passages aligned with the first-stage order (``trec_order``).
-        ``budget_ms``: None runs the fixed configuration; a number lets the controller choose and holds the
-        call to it (0 returns the first-stage order). ``top_k``: the cut early exits protect (default 10)."""
+        ``budget_ms``: None runs the fixed configuration; a number lets the controller choose (within
+        ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the cut early exits protect (default 10)."""
         started = time.perf_counter()
         docids = _first_stage_order(candidates)
         config, predicted = self.config, None
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
             if self.controller is not None:
-                point = self.controller.choose(budget_ms, len(docids), self._load,
+                point = self.controller.choose(budget_ms * (1 - self.headroom), len(docids), self._load,
                                                max_candidates=self.config.candidates,
                                                max_length=self.config.max_length)
                 config = point.config
