@@ -2,6 +2,7 @@
 crash, a hang, a different ranking, or a half-written file."""
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -112,6 +113,7 @@ def test_threads_with_a_budget_hold_it_and_rank_as_one_thread_does(tiny_world):
             assert stats.latency_ms <= budget
             if stats.candidates:   # the reranker got the fixed share, not what the queue happened to leave
                 assert stats.rerank_budget_ms == budget / 4 - 20 == sequential[qid][1].rerank_budget_ms
+                assert stats.rerank_deadline_ms >= stats.rerank_budget_ms
                 assert not stats.deadline_hit
                 assert stats.latency_ms >= stats.queued_ms + stats.first_stage_ms + stats.rerank_ms - 0.5
 
@@ -158,6 +160,46 @@ def test_a_share_of_the_budget_that_leaves_nothing_for_the_reranker_returns_the_
     assert stats.rerank_budget_ms == 0
     assert [hit.docid for hit in hits] == list(BM25(tiny_world.index).search(query, k=10))
     assert [hit.docid for hit in pipeline.search(query, k=10, budget_ms=2000)] != [hit.docid for hit in hits]
+
+
+def test_a_query_alone_may_run_past_its_share_but_not_past_its_budget(tiny_world):
+    pipeline = Pipeline(index=tiny_world.index, model=tiny_world.model, collection=tiny_world.collection,
+                        candidates=20, max_length=64, concurrency=4, overhead_ms=20)
+    _, stats = pipeline.search_with_stats(TOPICS["q0"], k=10, budget_ms=4000)
+    assert stats.rerank_budget_ms == 4000 / 4 - 20                 # planned for the share ...
+    left = 4000 - stats.queued_ms - stats.first_stage_ms
+    assert left - 50 < stats.rerank_deadline_ms <= left + 1    # ... but nobody waits: the deadline is its budget
+
+
+def test_a_stretched_turn_leaves_every_waiting_query_its_turns():
+    turns = _Turns()
+    assert turns.spare_until() == math.inf
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with turns.turn():
+            holding.set()
+            release.wait(10)
+
+    def waiter(ends_by: float, per_turn_s: float) -> None:
+        with turns.turn(ends_by, per_turn_s):
+            pass
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    holding.wait(10)
+    for number, (ends_by, per_turn_s) in enumerate([(100.0, 10.0), (90.0, 5.0), (200.0, 1.0)], start=1):
+        threads.append(threading.Thread(target=waiter, args=(ends_by, per_turn_s)))
+        threads[-1].start()
+        deadline = time.monotonic() + 5
+        while len(turns._waiting) != number and time.monotonic() < deadline:
+            time.sleep(0.001)
+    # the first waiter needs 10 s before 100; the second 10 + 5 s before 90; the third 16 s before 200
+    assert turns.spare_until() == min(100.0 - 10.0, 90.0 - 15.0, 200.0 - 16.0) == 75.0
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert turns.spare_until() == math.inf and not turns._waiting
 
 
 def test_reranks_take_turns_in_arrival_order():

@@ -20,17 +20,23 @@ that a query ranks the same under load as alone, the reranker works to a **fixed
 ``threads``); ``overhead_ms`` is set aside in each turn for the first stage and the texts (20 ms covers
 BM25 on a small index with texts from a collection file; raise it for a large index or texts read from
 the index). With at most ``concurrency`` queries in flight, a query waits for at most ``concurrency - 1``
-turns of at most ``budget_ms / concurrency`` each (the engine's deadline holds each rerank to its share),
-so it ends within its budget. The configuration is the best one the model's profile predicts to fit
-``(1 - headroom)`` of that share at its 95th percentile (``headroom`` 0.4 by default), from the profile
-alone (not from the load measured on recent queries, unless ``adapt_to_load``): so it does not depend on
-the load, and the deadline, at the full share, seldom has to cut a rerank short, which is what would make
-a ranking differ from the unloaded one. The price: a pipeline declared for 4 concurrent queries reranks each
-query with a quarter of its budget even when it is alone. If more queries arrive than declared, the time
-left is the smaller: the budget still holds, but the ranking may then differ from the unloaded one.
+turns of at most ``budget_ms / concurrency`` each, so it ends within its budget. The configuration is the
+best one the model's profile predicts to fit ``(1 - headroom)`` of that share at its 95th percentile
+(``headroom`` 0.4 by default), from the profile alone (not from the load measured on recent queries,
+unless ``adapt_to_load``), so it does not depend on the load.
+
+The **deadline** is at least the share, and stretches into the slack of the queries waiting behind: it is
+the latest end that still leaves each waiting query ``budget_ms / concurrency`` for every turn ahead of it
+and for its own (a query alone has its whole budget). So a rerank that runs slower than its prediction (a
+page fault, the JVM's collector beside it) finishes instead of being cut short, which is what would make a
+ranking differ from the unloaded one. The price: a pipeline declared for 4 concurrent queries plans each
+rerank for a quarter of its budget even when it is alone. If more queries arrive than declared, or one
+arrives while a turn runs into the slack of those already waiting, the time left is the smaller: the
+budget still holds, but the ranking may then differ from the unloaded one.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import weakref
@@ -69,10 +75,11 @@ class SearchStats:
     queued_ms: float             # waiting for the model while other queries reranked
     rerank_ms: float
     budget_ms: float | None      # the query's budget (None: fixed configuration)
-    rerank_budget_ms: float | None   # what the reranker was given: min(share, time left)
+    rerank_budget_ms: float | None   # the share the configuration was planned for: min(share, time left)
     candidates: int
     config: dict[str, Any] = field(default_factory=dict)   # width, depth, max_length, ... as the reranker chose
     deadline_hit: bool = False   # the reranker stopped at its deadline (some candidates kept first-stage order)
+    rerank_deadline_ms: float | None = None   # how long the rerank was allowed: at least the share, see admission
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,12 +119,18 @@ class _Turns:
         self._next_ticket = 0
         self._serving = 0
         self._abandoned: set[int] = set()
+        self._waiting: dict[int, tuple[float, float]] = {}   # ticket -> (must end by, seconds per turn)
 
     @contextmanager
-    def turn(self) -> Iterator[None]:
+    def turn(self, ends_by: float | None = None, per_turn_s: float = 0.0) -> Iterator[None]:
+        """Wait for this caller's turn. ``ends_by`` (a ``time.perf_counter`` time) and ``per_turn_s`` (how long
+        each turn ahead of it, and its own, may take) let the turn being served know how far it may run over
+        (``spare_until``)."""
         with self._condition:
             ticket = self._next_ticket
             self._next_ticket += 1
+            if ends_by is not None:
+                self._waiting[ticket] = (ends_by, per_turn_s)
             try:
                 while ticket != self._serving:
                     self._condition.wait()
@@ -127,11 +140,24 @@ class _Turns:
                 else:
                     self._abandoned.add(ticket)
                 raise
+            finally:
+                self._waiting.pop(ticket, None)
         try:
             yield
         finally:
             with self._condition:
                 self._advance()
+
+    def spare_until(self) -> float:
+        """The latest time the turn being served may end so that every waiting caller still has its turns
+        ahead of it and its own within its ``ends_by`` (each taking ``per_turn_s``); infinity when none waits."""
+        with self._condition:
+            latest, queued_turns = math.inf, 0.0
+            for ticket in sorted(self._waiting):
+                ends_by, per_turn_s = self._waiting[ticket]
+                queued_turns += per_turn_s
+                latest = min(latest, ends_by - queued_turns)
+            return latest
 
     def _advance(self) -> None:
         self._serving += 1
@@ -356,18 +382,22 @@ class Pipeline:
             return dict(candidates), dict(zip(candidates, texts)), SearchStats(
                 latency, latency, 0.0, 0.0, budget_ms, None, len(candidates))
         queued_at = time.perf_counter()
-        with self._turns.turn():
+        ends_by = None if budget_ms is None else started + budget_ms / 1000
+        per_turn_s = 0.0 if budget_ms is None else budget_ms / concurrency / 1000
+        with self._turns.turn(ends_by, per_turn_s):
             turn_started = time.perf_counter()
             candidates, texts = candidates_and_texts()
             rerank_started = time.perf_counter()
-            rerank_budget = None
+            rerank_budget = deadline_ms = None
             if budget_ms is not None:
                 share = budget_ms / concurrency - self.overhead_ms
                 left = budget_ms - (rerank_started - started) * 1000
                 rerank_budget = max(0.0, min(share, left))
+                spare = (self._turns.spare_until() - rerank_started) * 1000
+                deadline_ms = max(0.0, min(left, max(share, spare))) if rerank_budget > 0 else 0.0
             if candidates:
                 top = None if top_k is None else min(top_k, len(candidates))
-                result = self._rerank(query, candidates, texts, rerank_budget, top)
+                result = self._rerank(query, candidates, texts, rerank_budget, top, deadline_ms)
                 scores, config, deadline_hit = result.scores, dict(result.stats.config), result.stats.deadline_hit
             else:
                 scores, config, deadline_hit = {}, {}, False
@@ -376,25 +406,27 @@ class Pipeline:
             latency_ms=(finished - started) * 1000, first_stage_ms=(rerank_started - turn_started) * 1000,
             queued_ms=(turn_started - queued_at) * 1000, rerank_ms=(finished - rerank_started) * 1000,
             budget_ms=budget_ms, rerank_budget_ms=rerank_budget, candidates=len(candidates), config=config,
-            deadline_hit=bool(deadline_hit))
+            deadline_hit=bool(deadline_hit), rerank_deadline_ms=deadline_ms)
         return scores, dict(zip(candidates, texts)), stats
 
     def _rerank(self, query: str, candidates: dict[str, float], texts: list[str], budget_ms: float | None,
-                top_k: int | None):
+                top_k: int | None, deadline_ms: float | None = None):
         """The engine's rerank. With a budget and a profile, the configuration is the best one the profile
-        predicts to fit ``(1 - headroom) × budget`` (its 95th percentile), and the deadline is the budget: a
-        query slower than predicted still ends in time, and no deadline cuts it short, so it ranks as on a quiet
-        machine. Unless ``adapt_to_load``, the prediction is the profile's own: the engine would scale it by
-        the load it measured on recent queries, which makes the configuration depend on what ran before."""
+        predicts to fit ``(1 - headroom) × budget`` (its 95th percentile), and the deadline is ``deadline_ms``
+        (at least the budget): a query slower than predicted still ends in time, and no deadline cuts it short,
+        so it ranks as on a quiet machine. Unless ``adapt_to_load``, the prediction is the profile's own: the
+        engine would scale it by the load it measured on recent queries, which makes the configuration depend
+        on what ran before."""
         controller = getattr(self.reranker, "controller", None)
+        deadline_ms = budget_ms if deadline_ms is None else deadline_ms
         if budget_ms is None or controller is None:
-            return self.reranker.rerank(query, candidates, texts, budget_ms=budget_ms, top_k=top_k)
+            return self.reranker.rerank(query, candidates, texts, budget_ms=deadline_ms, top_k=top_k)
         limits = self.reranker.config
         load = self.reranker.load if self.adapt_to_load else 1.0
         point = controller.choose(budget_ms * (1 - self.headroom), len(candidates), load,
                                   max_candidates=limits.candidates, max_length=limits.max_length)
         return self.reranker.rerank_config(query, candidates, texts, point.config, top_k=top_k,
-                                           deadline_ms=budget_ms)
+                                           deadline_ms=deadline_ms)
 
 
 # ---------------------------------------------------------------------------------------------
