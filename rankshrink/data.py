@@ -108,6 +108,16 @@ def irds_dataset(dataset_id: str):
         raise InputError(f"{dataset_id}: not an ir_datasets id") from error
 
 
+def irds_records(dataset_id: str, what: str, records):
+    """``records(dataset)`` read to the end; a download that fails (offline, say) is one InputError naming the
+    dataset, not a requests traceback."""
+    try:
+        return records(irds_dataset(dataset_id))
+    except (OSError, RuntimeError) as error:
+        raise InputError(f"{dataset_id}: ir_datasets could not fetch the {what} ({type(error).__name__}: "
+                         f"{str(error)[:160]}); offline, give a local file") from error
+
+
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -174,9 +184,13 @@ def read_qrels(source: str | Path) -> Qrels:
     path = _existing_file(source, "qrels")
     if path is None:
         qrels: Qrels = {}
-        for judgment in irds_dataset(str(source)).qrels_iter():
-            qrels.setdefault(judgment.query_id, {})[judgment.doc_id] = int(judgment.relevance)
-        return qrels
+
+        def read(dataset):
+            for judgment in dataset.qrels_iter():
+                qrels.setdefault(judgment.query_id, {})[judgment.doc_id] = int(judgment.relevance)
+            return qrels
+
+        return irds_records(str(source), "qrels", read)
     qrels = {}
     with _open_text(path) as lines:
         for line_number, line in enumerate(lines, start=1):
@@ -212,7 +226,8 @@ def read_topics(source: str | Path) -> Topics:
     a JSONL file of ``{"qid"|"id"|"query_id": ..., "query"|"text"|"title": ...}``, or an ir_datasets id."""
     path = _existing_file(source, "topics")
     if path is None:
-        return {query.query_id: _irds_query_text(query) for query in irds_dataset(str(source)).queries_iter()}
+        return irds_records(str(source), "topics", lambda dataset: {query.query_id: _irds_query_text(query)
+                                                                    for query in dataset.queries_iter()})
     with _open_text(path) as handle:
         text = handle.read()
     stripped = text.lstrip()

@@ -242,3 +242,73 @@ def test_the_labels_only_ablation_trains_on_labelled_queries_without_a_teacher(t
     train_recipe(section, progress=False, log=messages.append)
     assert any("without labels left out" in message for message in messages)
     assert not (d / "c-labels" / "teacher").exists()          # no teacher was asked for anything
+
+
+def test_candidates_searched_with_bm25_are_cached_and_teach(tiny_data):
+    """The MS MARCO train path (judged queries, BM25 negatives from an index), on a local index."""
+    from rankshrink.data import read_qrels, read_run, read_topics
+    from rankshrink.firststage import BM25, build_index
+
+    d = tiny_data["dir"]
+    build_index(d / "passages.jsonl", d / "index", threads=1, progress=False)
+    (d / "topics.tsv").write_text("q0\tcapital of france sky\nq1\tfish cat mat sky\nq2\tsky blue fish\n"
+                                  "q3\tcar road dog\n")   # words that several passages share
+    section = tiny_section(tiny_data, teacher={"run": "bm25"}, cache=str(d / "c-search"),
+                           output=str(d / "searched"))
+    section["data"] = [{"name": "judged", "topics": str(d / "topics.tsv"), "collection": str(d / "passages.jsonl"),
+                        "qrels": str(d / "qrels.txt"), "search": {"index": str(d / "index"), "k": 5},
+                        "queries": 3, "held_out": 1}]
+    trainer = Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None)
+    train_groups, held_out = trainer.load_data()
+    [cached] = list((d / "c-search" / "runs").glob("judged-bm25-*.trec"))
+    judged = sorted(read_qrels(d / "qrels.txt"))[:3]
+    topics = read_topics(d / "topics.tsv")
+    expected = BM25(d / "index").batch_search({qid: topics[qid] for qid in judged}, k=5)
+    searched = read_run(cached)
+    assert {qid: list(docs) for qid, docs in searched.items()} == \
+        {qid: list(docs) for qid, docs in expected.items() if docs}
+    for qid, docs in searched.items():
+        assert list(docs.values()) == pytest.approx(list(expected[qid].values()), abs=1e-4)
+    groups = {group.qid: group for group in train_groups + held_out}
+    assert set(groups) == {qid for qid, docs in expected.items() if docs}
+    for qid, group in groups.items():
+        assert set(group.docids) == set(expected[qid])
+    assert all(group.teacher is not None for group in train_groups)   # the searched run teaches
+    modified = cached.stat().st_mtime_ns
+    Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None).run()   # trains, reuses
+    assert cached.stat().st_mtime_ns == modified
+
+
+@pytest.mark.parametrize("data_change, message", [
+    ({"runs": None}, "give runs .candidate run files. or search"),
+    ({"search": {"index": "x", "k": 1}}, "search.k: at least 2"),
+    ({"search": {"index": "x", "name": "dense"}}, "search.name 'dense' is also a run's name"),
+    ({"search": {"idx": "x"}}, r"search: unknown key\(s\) \['idx'\]"),
+])
+def test_data_set_errors_name_the_key(tiny_data, data_change, message):
+    section = tiny_section(tiny_data)
+    for key, value in data_change.items():
+        if value is None:
+            del section["data"][0][key]
+        else:
+            section["data"][0][key] = value
+    with pytest.raises(InputError, match=message):
+        train_spec_from_dict(section)
+
+
+def test_the_online_recipe_distils_from_ms_marco_train_and_fails_offline_with_one_line(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from rankshrink.cli import main
+    from rankshrink.pipeline.recipe import read_recipe
+
+    recipe = read_recipe(REPO / "pipelines" / "msmarco-distill.yaml")
+    spec = train_spec_from_dict(recipe.train)
+    [data] = spec.data
+    assert data.topics == data.qrels == "msmarco-passage/train/judged" and data.search.index == "msmarco-v1-passage"
+    assert spec.teacher == {"cross-encoder": "cross-encoder/ms-marco-MiniLM-L-12-v2", "max_length": 256}
+    assert recipe.rerank["model"] == spec.output
+    monkeypatch.setenv("IR_DATASETS_HOME", str(tmp_path / "irds"))   # nothing cached: it must fetch
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(REPO / "pipelines" / "msmarco-distill.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rankshrink train: error: msmarco-passage/train/judged: ir_datasets could not fetch")

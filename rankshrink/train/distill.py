@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import atomic_write, open_collection, read_qrels, read_run, read_topics
+from ..data import atomic_write, open_collection, read_qrels, read_run, read_topics, write_run
+from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
 from .groups import TrainingGroup, build_groups, sample_list, split_queries
@@ -60,10 +61,14 @@ class Trainer:
     def load_data(self) -> tuple[list[TrainingGroup], list[TrainingGroup]]:
         """Training and held-out groups of every data set, teacher-scored (through the cache)."""
         train, held_out = [], []
+        self.run_files = {}
         for data in self.spec.data:
             topics = read_topics(data.topics)
-            runs = [read_run(path) for path in data.runs.values()]
             qrels = read_qrels(data.qrels) if data.qrels else None
+            self.run_files[data.name] = {name: Path(path) for name, path in data.runs.items()}
+            if data.search:
+                self.run_files[data.name][data.search.name] = self._searched_run(data, topics, qrels)
+            runs = [read_run(path) for path in self.run_files[data.name].values()]
             qids = sorted({qid for run in runs for qid in run})
             if data.queries is not None:
                 qids = qids[: data.queries]
@@ -82,14 +87,33 @@ class Trainer:
             if not train:
                 raise ValueError("losses.teacher_kl is 0 and no training query has labels (qrels)")
         elif self.spec.teacher:
-            runs_by_source = {data.name: {name: Path(path) for name, path in data.runs.items()}
-                              for data in self.spec.data}
-            teacher = teacher_from_spec(self.spec.teacher, runs_by_source)
+            teacher = teacher_from_spec(self.spec.teacher, self.run_files)
             self.log(f"teacher scores for {len(train)} training queries ({teacher.identity()['kind']})")
             score_groups(teacher, train, self.cache / "teacher")
         elif self.spec.losses.teacher_kl:
             raise ValueError("losses.teacher_kl is set but the recipe has no teacher")
         return train, held_out
+
+    def _searched_run(self, data, topics: dict[str, str], qrels) -> Path:
+        """``data.search``'s BM25 candidates for the data set's queries (the judged ones when there are qrels,
+        the first ``data.queries`` by qid), searched once and cached as a TREC run keyed by what made it."""
+        search = data.search
+        qids = sorted(qrels) if qrels is not None else sorted(topics)
+        if data.queries is not None:
+            qids = qids[: data.queries]
+        missing = [qid for qid in qids if qid not in topics]
+        if missing:
+            raise InputError(f"{data.name}: judged query {missing[0]!r} has no topic in {data.topics}")
+        key = hashlib.sha256(json.dumps([asdict(search), data.topics, qids], sort_keys=True).encode()).hexdigest()
+        path = self.cache / "runs" / f"{data.name}-{search.name}-{key[:16]}.trec"
+        if not path.is_file():
+            from ..firststage import BM25
+
+            options = {name: value for name, value in (("k1", search.k1), ("b", search.b)) if value is not None}
+            self.log(f"{data.name}: BM25 top {search.k} from {search.index} for {len(qids)} queries")
+            write_run(BM25(search.index, **options).batch_search({qid: topics[qid] for qid in qids}, k=search.k),
+                      path, tag=search.name)
+        return path
 
     # -- the whole run --------------------------------------------------------------------------
 

@@ -14,6 +14,12 @@
           qrels: ../shared/trec-dl/dl21/qrels.txt          # optional: hard labels
           runs: {bm25: ../shared/trec-dl/dl21/runs/bm25.top100.trec, ...}
           held_out: 13                                     # queries kept aside for model selection
+        - name: msmarco-train                    # online: MS MARCO train, judged queries, BM25 negatives
+          topics: msmarco-passage/train/judged             # ir_datasets ids work for topics, qrels, collection
+          qrels: msmarco-passage/train/judged
+          collection: msmarco-passage
+          search: {index: msmarco-v1-passage, k: 30}       # candidates searched here (no runs: files)
+          queries: 20000                                   # the first N judged queries, by qid
       teacher:                                   # cross-encoder | bi-encoder | run | fusion (see teacher.py)
         fusion:
           - {bi-encoder: ../shared/models/all-MiniLM-L6-v2, weight: 1.0}
@@ -47,11 +53,23 @@ class DataSpec:
     name: str
     topics: str
     collection: str
-    runs: dict[str, str]
+    runs: dict[str, str] = field(default_factory=dict)
     qrels: str | None = None
     held_out: int = 0
-    queries: int | None = None      # use only the first N queries (smoke runs)
+    queries: int | None = None      # use only the first N queries (by qid; of the judged ones with search)
     candidates: int | None = None   # keep only the first N candidates of each query (smoke runs)
+    search: SearchSpec | None = None   # candidates from a BM25 search instead of (or besides) run files
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """BM25 candidates for a data set's queries, searched once and cached as a TREC run."""
+
+    index: str                      # a Lucene index directory or a Pyserini prebuilt name (msmarco-v1-passage)
+    k: int = 30
+    name: str = "bm25"              # the run's name, for a ``{run: NAME}`` teacher
+    k1: float | None = None         # BM25 parameters (default: Anserini's 0.9 / 0.4)
+    b: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,10 +159,20 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         raise InputError(f"{where}.data: expected a non-empty list of data sets")
     specs = []
     for i, item in enumerate(data):
-        for key in ("name", "topics", "collection", "runs"):
+        for key in ("name", "topics", "collection"):
             if not isinstance(item, Mapping) or key not in item:
                 raise InputError(f"{where}.data[{i}]: missing required key {key!r}")
-        specs.append(_build(DataSpec, {**item, "runs": dict(item["runs"])}, f"{where}.data[{i}]"))
+        if not item.get("runs") and not item.get("search"):
+            raise InputError(f"{where}.data[{i}]: give runs (candidate run files) or search (a BM25 index)")
+        search = item.get("search")
+        if search is not None:
+            search = _build(SearchSpec, search, f"{where}.data[{i}].search")
+            if isinstance(search.k, bool) or not isinstance(search.k, int) or search.k < 2:
+                raise InputError(f"{where}.data[{i}].search.k: at least 2 candidates, got {search.k!r}")
+            if search.name in (item.get("runs") or {}):
+                raise InputError(f"{where}.data[{i}].search.name {search.name!r} is also a run's name")
+        specs.append(_build(DataSpec, {**item, "runs": dict(item.get("runs") or {}), "search": search},
+                            f"{where}.data[{i}]"))
     stages = section.pop("stages", {}) or {}
     unknown = sorted(set(stages) - {"full", "rewire", "width", "depth"})
     if unknown:
