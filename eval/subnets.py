@@ -65,7 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="NAME=DIR: the trained model, every sub-network and exit")
     parser.add_argument("--append", action="store_true",
-                        help="keep OUTPUT/results.json's rows for --model (scored earlier) and add only the ablations")
+                        help="keep OUTPUT/results.json's rows (--model's and other ablations', scored earlier); "
+                             "score only the --ablation models, replacing their rows")
     parser.add_argument("--ablation", action="append", default=[], help="NAME=DIR: ablation rows (4 configs each)")
     parser.add_argument("--split", type=Path, default=SHARED)
     parser.add_argument("--max-length", type=int, default=256)
@@ -84,7 +85,9 @@ def main() -> int:
     rows, main_name = [], args.model.partition("=")[0]
     todo = [(args.model, [(w, d) for d in DEPTHS for w in WIDTHS], True)]
     if args.append:
-        rows = [row for row in json.loads((args.output / "results.json").read_text())["rows"] if row["model"] == main_name]
+        rescored = {spec.partition("=")[0] for spec in args.ablation}
+        rows = [row for row in json.loads((args.output / "results.json").read_text())["rows"]
+                if row["model"] not in rescored]
         todo = []
     for spec, configs, exits in [*todo, *((spec, ABLATION_CONFIGS, False) for spec in args.ablation)]:
         name, _, directory = spec.partition("=")

@@ -305,7 +305,8 @@ class Reranker:
         """New scores for ``candidates`` (docid → first-stage score, or docids in first-stage order).
         ``texts``: docid → passage, or passages aligned with the first-stage order (``trec_order``).
         ``budget_ms``: None runs the fixed configuration; a number lets the controller choose (within
-        ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the cut early exits protect (default 10)."""
+        ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the
+        cut early exits protect (default 10)."""
         started = time.perf_counter()
         docids = _first_stage_order(candidates)
         config, predicted = self.config, None
