@@ -340,8 +340,8 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, queries: int
     """
     output = Path(output) if output is not None else recipe.output
     runs_dir = recipe.runs if output == recipe.output else output / "runs"
-    topics = _fetched(read_topics, recipe.search["topics"], "topics")
-    qrels = _fetched(read_qrels, recipe.eval["qrels"], "qrels")
+    topics = read_topics(recipe.search["topics"])   # an ir_datasets fetch that fails is an InputError
+    qrels = read_qrels(recipe.eval["qrels"])
     if queries is not None:
         if queries < 1:
             raise InputError(f"queries must be >= 1, got {queries}")
@@ -367,17 +367,6 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, queries: int
     write_results(results, output)
     log(f"runs in {runs_dir}/; table, results and plot in {output}/")
     return results
-
-
-def _fetched(reader, source: str, what: str):
-    """``reader(source)``; an ir_datasets download that fails (offline, say) is an InputError, not a traceback."""
-    try:
-        return reader(source)
-    except (OSError, RuntimeError) as error:
-        if Path(source).exists():
-            raise
-        raise InputError(f"{source}: ir_datasets could not fetch the {what} ({type(error).__name__}: "
-                         f"{str(error)[:160]}); offline, give a local file") from error
 
 
 def _ensure_model(recipe: Recipe, log) -> str | None:
