@@ -61,14 +61,14 @@ class Trainer:
     def load_data(self) -> tuple[list[TrainingGroup], list[TrainingGroup]]:
         """Training and held-out groups of every data set, teacher-scored (through the cache)."""
         train, held_out = [], []
-        self.run_files = {}
+        run_files: dict[str, dict[str, Path]] = {}
         for data in self.spec.data:
             topics = read_topics(data.topics)
             qrels = read_qrels(data.qrels) if data.qrels else None
-            self.run_files[data.name] = {name: Path(path) for name, path in data.runs.items()}
+            run_files[data.name] = {name: Path(path) for name, path in data.runs.items()}
             if data.search:
-                self.run_files[data.name][data.search.name] = self._searched_run(data, topics, qrels)
-            runs = [read_run(path) for path in self.run_files[data.name].values()]
+                run_files[data.name][data.search.name] = self._searched_run(data, topics, qrels)
+            runs = [read_run(path) for path in run_files[data.name].values()]
             qids = sorted({qid for run in runs for qid in run})
             if data.queries is not None:
                 qids = qids[: data.queries]
@@ -87,7 +87,7 @@ class Trainer:
             if not train:
                 raise ValueError("losses.teacher_kl is 0 and no training query has labels (qrels)")
         elif self.spec.teacher:
-            teacher = teacher_from_spec(self.spec.teacher, self.run_files)
+            teacher = teacher_from_spec(self.spec.teacher, run_files)
             self.log(f"teacher scores for {len(train)} training queries ({teacher.identity()['kind']})")
             score_groups(teacher, train, self.cache / "teacher")
         elif self.spec.losses.teacher_kl:
