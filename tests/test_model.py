@@ -240,6 +240,28 @@ def test_bf16_runs_and_stays_close(tiny_dir):
     assert (scores - full).abs().max() < 0.1 * full.abs().max() + 0.05
 
 
+def test_bf16_attention_equals_sdpa_with_and_without_padding():
+    from rankshrink.model.dynabert import bf16_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 10, 8).to(torch.bfloat16) for _ in range(3))
+    lengths = torch.tensor([10, 7, 1])
+    mask = (torch.arange(10)[None, :] < lengths[:, None])[:, None, None, :]
+    for m in (mask, None):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=m)
+        got = bf16_attention(q, k, v, m)
+        assert got.dtype == torch.bfloat16 and got.shape == expected.shape
+        assert (got.float() - expected).abs().max() < 0.03
+    # a padded key gets no weight: changing it changes nothing
+    v2 = v.clone()
+    v2[1, :, 8] = 100.0
+    assert torch.equal(bf16_attention(q, k, v2, mask)[1], bf16_attention(q, k, v, mask)[1])
+    # a mask of any other shape is SDPA's
+    full = torch.ones(3, 1, 10, 10, dtype=torch.bool)
+    assert torch.equal(bf16_attention(q, k, v, full),
+                       torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full))
+
+
 def test_score_keeps_input_order_and_truncates_only_the_passage(tiny_dir):
     model = load_quietly(tiny_dir)
     queries, passages = pairs(9)

@@ -180,6 +180,26 @@ def use_fused_kernels(x: torch.Tensor, training: bool) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + padding) · v for bf16 inference, as two batched matmuls and a softmax.
+
+    With 32-wide heads and sequences of 64–256 tokens, SDPA's CPU flash kernel is the slower choice in bf16:
+    this took 58% of its time per attention and 80% per reranked query (eval/README.md). In fp32 it is the
+    other way round, so fp32 keeps SDPA. ``mask``: None or the boolean [batch, 1, 1, length] of
+    ``attention_mask_for``; any other mask goes to SDPA."""
+    batch, heads, length, size = q.shape
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch, 1, 1, length)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q, k, v = (part.reshape(batch * heads, length, size) for part in (q, k, v))
+    if mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(size ** -0.5)
+    else:
+        padding = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        padding = padding.expand(batch, heads, 1, length).reshape(batch * heads, 1, length)
+        scores = torch.baddbmm(padding, q, k.transpose(1, 2), alpha=size ** -0.5)
+    return torch.bmm(torch.softmax(scores, -1), v).view(batch, heads, length, size)
+
+
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused: bool,
           activation: tuple[str, str] = ("none", "")) -> torch.Tensor:
     """activation(x·Wᵀ + b) for a fusable activation, else x·Wᵀ + b."""
@@ -259,8 +279,11 @@ class SelfAttention(nn.Module):
         # Width: the first heads' rows of QKV and columns of the output projection (views, no copy).
         qkv = dense(hidden, self.qkv.weight[:3 * inner], self.qkv.bias[:3 * inner], fused)
         q, k, v = (part.transpose(1, 2) for part in qkv.view(batch, length, heads, 3, self.head_size).unbind(3))
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
+        if fused and q.dtype == torch.bfloat16:
+            context = bf16_attention(q, k, v, mask)
+        else:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attention_dropout if self.training else 0.0)
         if head_mask is not None:  # DynaBERT's importance: d loss / d head_mask
             context = context * head_mask[:heads].view(1, heads, 1, 1).to(context.dtype)
         context = context.transpose(1, 2).reshape(batch, length, inner)
