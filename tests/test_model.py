@@ -240,8 +240,11 @@ def test_bf16_runs_and_stays_close(tiny_dir):
     assert (scores - full).abs().max() < 0.1 * full.abs().max() + 0.05
 
 
-def test_bf16_attention_equals_sdpa_with_and_without_padding():
+@pytest.mark.parametrize("slice_bytes", [2 << 20, 5 * 10 * 10 * 2])   # every head at once; 5 heads a slice
+def test_bf16_attention_equals_sdpa_with_and_without_padding(monkeypatch, slice_bytes):
+    from rankshrink.model import dynabert
     from rankshrink.model.dynabert import bf16_attention
+    monkeypatch.setattr(dynabert, "ATTENTION_SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 4, 10, 8).to(torch.bfloat16) for _ in range(3))
     lengths = torch.tensor([10, 7, 1])

@@ -173,6 +173,11 @@ def _check_multiplier(value: float, name: str) -> float:
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+# Scores of one slice of heads in bf16_attention: about what stays in this CPU's 1 MiB-per-core L2 (2.5-3x
+# faster than one pass over every head at 96-256 tokens; eval/README.md).
+ATTENTION_SLICE_BYTES = 2 << 20
+
+
 def use_fused_kernels(x: torch.Tensor, training: bool) -> bool:
     # oneDNN's fused ops do not autocast: under torch.autocast (a frozen teacher while training) use F.linear.
     return (_ONEDNN and not training and not torch.is_grad_enabled() and x.device.type == "cpu"
@@ -181,23 +186,30 @@ def use_fused_kernels(x: torch.Tensor, training: bool) -> bool:
 
 
 def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q·kᵀ/√d + padding) · v for bf16 inference, as two batched matmuls and a softmax.
+    """softmax(q·kᵀ/√d + padding) · v for bf16 inference, as two batched matmuls and a softmax, a few
+    heads at a time so that each slice's scores stay in cache (``ATTENTION_SLICE_BYTES``).
 
-    With 32-wide heads and sequences of 64–256 tokens, SDPA's CPU flash kernel is the slower choice in bf16:
-    this took 58% of its time per attention and 80% per reranked query (eval/README.md). In fp32 it is the
-    other way round, so fp32 keeps SDPA. ``mask``: None or the boolean [batch, 1, 1, length] of
-    ``attention_mask_for``; any other mask goes to SDPA."""
+    With 32-wide heads and sequences of 64–256 tokens, SDPA's CPU flash kernel is the slower choice in bf16
+    (eval/README.md); in fp32 it is the faster one, so fp32 keeps SDPA. ``mask``: None or the boolean
+    [batch, 1, 1, length] of ``attention_mask_for``; any other mask goes to SDPA."""
     batch, heads, length, size = q.shape
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch, 1, 1, length)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q, k, v = (part.reshape(batch * heads, length, size) for part in (q, k, v))
-    if mask is None:
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(size ** -0.5)
-    else:
+    padding = None
+    if mask is not None:
         padding = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         padding = padding.expand(batch, heads, 1, length).reshape(batch * heads, 1, length)
-        scores = torch.baddbmm(padding, q, k.transpose(1, 2), alpha=size ** -0.5)
-    return torch.bmm(torch.softmax(scores, -1), v).view(batch, heads, length, size)
+    context = torch.empty_like(q)
+    step = max(1, ATTENTION_SLICE_BYTES // (length * length * q.element_size()))
+    for start in range(0, batch * heads, step):
+        part = slice(start, start + step)
+        if padding is None:
+            scores = torch.bmm(q[part], k[part].transpose(1, 2)).mul_(size ** -0.5)
+        else:
+            scores = torch.baddbmm(padding[part], q[part], k[part].transpose(1, 2), alpha=size ** -0.5)
+        torch.bmm(torch.softmax(scores, -1), v[part], out=context[part])
+    return context.view(batch, heads, length, size)
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused: bool,
