@@ -173,8 +173,8 @@ def _check_multiplier(value: float, name: str) -> float:
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-# Scores of one slice of heads in bf16_attention: about what stays in this CPU's 1 MiB-per-core L2 (2.5-3x
-# faster than one pass over every head at 96-256 tokens; eval/README.md).
+# Scores of one slice of heads in bf16_attention: about what stays in this CPU's 1 MiB-per-core L2. Alone,
+# an attention call at 96-256 tokens ran 2.5-3x faster sliced; a whole rerank did not measurably (eval/README.md).
 ATTENTION_SLICE_BYTES = 2 << 20
 
 
