@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 from ..data import Collection, Run, open_collection, trec_order
 from ..errors import InputError
-from ..rerank.budget import DEFAULT_HEADROOM
+from ..rerank.budget import DEFAULT_HEADROOM, check_headroom
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -222,14 +222,12 @@ class Pipeline:
             raise InputError(f"concurrency must be a positive integer, got {concurrency!r}")
         if not overhead_ms >= 0:
             raise InputError(f"overhead_ms must be >= 0, got {overhead_ms!r}")
-        if not 0 <= headroom < 1:
-            raise InputError(f"headroom must be in [0, 1), got {headroom!r}")
         _check_budget(budget_ms)
         self.candidates = candidates
         self.budget_ms = budget_ms
         self.concurrency = concurrency
         self.overhead_ms = float(overhead_ms)
-        self.headroom = float(headroom)
+        self.headroom = check_headroom(headroom)
         self.adapt_to_load = bool(adapt_to_load)
         self.first_stage = _open_first_stage(index, first_stage, dense_index, first_stage_options)
         self.collection = collection if collection is None or hasattr(collection, "texts") else \
@@ -421,10 +419,7 @@ class Pipeline:
         deadline_ms = budget_ms if deadline_ms is None else deadline_ms
         if budget_ms is None or controller is None:
             return self.reranker.rerank(query, candidates, texts, budget_ms=deadline_ms, top_k=top_k)
-        limits = self.reranker.config
-        load = self.reranker.load if self.adapt_to_load else 1.0
-        point = controller.choose(budget_ms * (1 - self.headroom), len(candidates), load,
-                                  max_candidates=limits.candidates, max_length=limits.max_length)
+        point = self.reranker.choose(budget_ms, len(candidates), None if self.adapt_to_load else 1.0, self.headroom)
         return self.reranker.rerank_config(query, candidates, texts, point.config, top_k=top_k,
                                            deadline_ms=deadline_ms)
 

@@ -34,6 +34,12 @@ WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
 DEFAULT_HEADROOM = 0.4
 
 
+def check_headroom(headroom: float) -> float:
+    if not 0 <= headroom < 1:
+        raise InputError(f"headroom must be in [0, 1), got {headroom!r}")
+    return float(headroom)
+
+
 @dataclass(frozen=True)
 class RerankConfig:
     """Every knob of one rerank. ``exit_risk``: the calibrated probability that a document the full depth

@@ -43,7 +43,7 @@ import torch
 
 from ..data import trec_order
 from ..errors import InputError
-from .budget import DEFAULT_HEADROOM, Controller, RerankConfig
+from .budget import DEFAULT_HEADROOM, Controller, FrontierPoint, RerankConfig, check_headroom
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -264,9 +264,7 @@ class Reranker:
         self.threads = threads
         if not 0 <= max_padding <= 1:
             raise InputError(f"max_padding must be a fraction in [0, 1], got {max_padding!r}")
-        if not 0 <= headroom < 1:
-            raise InputError(f"headroom must be in [0, 1), got {headroom!r}")
-        self.headroom = float(headroom)
+        self.headroom = check_headroom(headroom)
         self.batch_tokens = batch_tokens
         self.max_padding = float(max_padding)
         self._tokenizer_lock = _tokenizer_lock(model.tokenizer)
@@ -313,9 +311,7 @@ class Reranker:
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
             if self.controller is not None:
-                point = self.controller.choose(budget_ms * (1 - self.headroom), len(docids), self._load,
-                                               max_candidates=self.config.candidates,
-                                               max_length=self.config.max_length)
+                point = self.choose(budget_ms, len(docids))
                 config = point.config
                 predicted = point.predicted_p95(len(docids)) * self._load
             elif not self._warned_no_profile:
@@ -323,6 +319,15 @@ class Reranker:
                 warnings.warn("the model has no profile (run rankshrink profile): budgets run the fixed "
                               "configuration, stopped at the deadline", stacklevel=2)
         return self._run(started, query, docids, texts, config, top_k, budget_ms, predicted)
+
+    def choose(self, budget_ms: float, candidates: int, load: float | None = None,
+               headroom: float | None = None) -> FrontierPoint:
+        """The profile's best configuration whose predicted p95, times ``load`` (default: the load measured on
+        recent calls), fits ``(1 - headroom) × budget_ms`` (default: this reranker's headroom), within this
+        reranker's ``candidates`` and ``max_length``. Needs a profile (``controller``)."""
+        headroom = self.headroom if headroom is None else headroom
+        return self.controller.choose(budget_ms * (1 - headroom), candidates, self._load if load is None else load,
+                                      max_candidates=self.config.candidates, max_length=self.config.max_length)
 
     def rerank_config(self, query: str, candidates: Mapping[str, float] | Sequence[str],
                       texts: Mapping[str, str] | Sequence[str], config: RerankConfig, top_k: int | None = None,
