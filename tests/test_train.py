@@ -3,6 +3,7 @@ random BERT and a tiny data set written here; the real recipe's --smoke run on .
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,30 @@ def test_run_and_fusion_teachers(tiny_data):
         assert scores.mean() == pytest.approx(0.0, abs=1e-5) and scores.std() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_a_fused_run_scores_only_the_data_sets_that_have_it(tiny_data):
+    """Unlabelled extra data sets (pseudo-queries) may lack a run the fusion uses: that part abstains there,
+    but a teacher that is only that run still refuses them."""
+    from rankshrink.data import read_run, read_topics
+    from rankshrink.train.teacher import teacher_from_spec
+
+    topics, collection = read_topics(tiny_data["dir"] / "topics.tsv"), Collection(tiny_data["dir"] / "passages.jsonl")
+    runs = [read_run(tiny_data["runs"]["bm25"]), read_run(tiny_data["runs"]["dense"])]
+    with_run = build_groups(topics, runs, collection, source="tiny")
+    without = build_groups(topics, runs, collection, source="extra")
+    runs_by_source = {"tiny": {"dense": tiny_data["runs"]["dense"], "bm25": tiny_data["runs"]["bm25"]},
+                      "extra": {"bm25": tiny_data["runs"]["bm25"]}}
+    fusion = teacher_from_spec({"fusion": [{"run": "dense", "weight": 1.0}, {"run": "bm25", "weight": 0.5}]},
+                               runs_by_source)
+    bm25_alone = RunTeacher({"extra": tiny_data["runs"]["bm25"]}).score(without)
+    for fused, raw in zip(fusion.score(without), bm25_alone):   # only bm25 speaks for "extra"
+        assert np.argsort(fused, kind="stable").tolist() == np.argsort(raw, kind="stable").tolist()
+        assert fused.std() == pytest.approx(0.5, abs=1e-4)
+    both = fusion.score(with_run)
+    assert any(not np.allclose(a, b) for a, b in zip(both, fusion.score(without)))   # dense counts for "tiny"
+    with pytest.raises(InputError, match="no run for data set 'extra'"):
+        teacher_from_spec({"run": "dense"}, runs_by_source).score(without)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"base": None}, "missing required key 'base'"),
     ({"unknown": 1}, r"unknown key\(s\) \['unknown'\]"),
@@ -277,6 +302,78 @@ def test_candidates_searched_with_bm25_are_cached_and_teach(tiny_data):
     modified = cached.stat().st_mtime_ns
     Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None).run()   # trains, reuses
     assert cached.stat().st_mtime_ns == modified
+
+
+def test_pseudo_queries_are_content_word_spans_of_passages_outside_the_excluded():
+    from rankshrink.data import Passage
+    from rankshrink.train.pseudo import STOPWORDS, pseudo_queries
+
+    passages = [Passage(f"d{i}", f"The {i}th Record: river{i} light{i} of water{i} and road{i}, rain{i} on grass{i} "
+                                 f"in the city{i} near hills{i}.") for i in range(40)]
+    passages.append(Passage("short", "too short to cut"))
+    queries = pseudo_queries(passages, 12, seed=5, exclude={"d0", "d1", "d2"}, prefix="x-")
+    assert list(queries) == [f"x-{i}" for i in range(12)]
+    sources = set()
+    for query in queries.values():
+        words = query.split()
+        assert 3 <= len(words) <= 8 and words[0] not in STOPWORDS and words[-1] not in STOPWORDS
+        owners = [p.docid for p in passages if f" {query} " in " " + " ".join(
+            re.findall(r"[a-z0-9']+", p.text.lower())) + " "]
+        assert len(owners) == 1 and owners[0] not in {"d0", "d1", "d2", "short"}   # one passage, not excluded
+        sources.add(owners[0])
+    assert len(sources) == 12                                                     # each from another passage
+    assert pseudo_queries(passages, 12, seed=5, exclude={"d0", "d1", "d2"}, prefix="x-") == queries
+    assert pseudo_queries(passages, 12, seed=6, exclude={"d0", "d1", "d2"}, prefix="x-") != queries
+    assert len(pseudo_queries(passages[:5], 12, seed=5)) == 5                     # no more than there are sources
+
+
+def test_pseudo_query_data_sets_are_searched_in_their_own_index_and_teacher_scored(tiny_data):
+    """Unlabelled queries cut from a pool: indexed once into the cache, BM25 candidates cached, teacher-scored
+    by the fusion parts that apply, never cut from a held-out query's candidates."""
+    from rankshrink.data import read_run
+
+    d = tiny_data["dir"]
+    shared = ["river", "light", "water", "road", "rain", "grass", "city", "fish"]
+    texts = {f"p{i}": " ".join(f"u{i}w{j} {shared[(3 * i + j) % 8]}" for j in range(6)) for i in range(10)}
+    (d / "pool.jsonl").write_text("".join(json.dumps({"id": docid, "contents": text}) + "\n"
+                                          for docid, text in texts.items()))
+    section = tiny_section(tiny_data, cache=str(d / "c-pseudo"), output=str(d / "pseudo"))
+    section["data"].append({"name": "pool", "collection": str(d / "pool.jsonl"),
+                            "pseudo_queries": {"count": 5, "max_words": 6}, "search": {"k": 4}})
+    messages = []
+    trainer = Trainer(train_spec_from_dict(section), progress=False, log=messages.append)
+    train_groups, held_out = trainer.load_data()
+    excluded = {docid for group in held_out for docid in group.docids}
+    pseudo = [group for group in train_groups if group.source == "pool"]
+    assert len(pseudo) == min(5, len(set(texts) - excluded)) and all(group.labels is None and group.teacher is not None for group in pseudo)
+    for group in pseudo:
+        owner = [docid for docid, text in texts.items() if group.query in text]
+        assert len(owner) == 1 and owner[0] not in excluded and owner[0] in group.docids
+        assert 1 <= len(group) <= 4
+    [index] = list((d / "c-pseudo" / "indexes").glob("pool-*"))
+    [run_file] = list((d / "c-pseudo" / "runs").glob("pool-bm25-*.trec"))
+    assert {group.qid: set(group.docids) for group in pseudo} == {qid: set(docs) for qid, docs in
+                                                                 read_run(run_file).items()}
+    stamps = index.stat().st_mtime_ns, run_file.stat().st_mtime_ns
+    again, _ = Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
+    assert [g.query for g in again if g.source == "pool"] == [g.query for g in pseudo]
+    assert (index.stat().st_mtime_ns, run_file.stat().st_mtime_ns) == stamps      # neither rebuilt
+    assert sum("indexing" in message for message in messages) == 1
+
+
+@pytest.mark.parametrize("pool_change, message", [
+    ({"topics": "t.tsv"}, r"pseudo_queries makes its own queries .* remove \['topics'\]"),
+    ({"search": None}, "pseudo_queries need search"),
+    ({"pseudo_queries": {"count": 0}}, "pseudo_queries.count: expected a positive integer"),
+    ({"pseudo_queries": {"min_words": 5, "max_words": 4}}, "min_words 5 > max_words 4"),
+])
+def test_pseudo_query_recipe_errors_name_the_key(tiny_data, pool_change, message):
+    section = tiny_section(tiny_data)
+    pool = {"name": "pool", "collection": "pool.jsonl", "pseudo_queries": {"count": 3}, "search": {"k": 4}}
+    pool.update(pool_change)
+    section["data"].append({key: value for key, value in pool.items() if value is not None})
+    with pytest.raises(InputError, match=message):
+        train_spec_from_dict(section)
 
 
 @pytest.mark.parametrize("data_change, message", [

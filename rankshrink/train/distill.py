@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
 from .groups import TrainingGroup, build_groups, sample_list, split_queries
+from .pseudo import pseudo_queries
 from .losses import hidden_mse, listwise_ce, listwise_kl
 from .recipe import StageSpec, TrainSpec
 from .teacher import score_groups, teacher_from_spec
@@ -59,12 +60,17 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------
 
     def load_data(self) -> tuple[list[TrainingGroup], list[TrainingGroup]]:
-        """Training and held-out groups of every data set, teacher-scored (through the cache)."""
+        """Training and held-out groups of every data set, teacher-scored (through the cache). Data sets with
+        pseudo-queries come last: their queries never come from the held-out queries' candidates."""
         train, held_out = [], []
         run_files: dict[str, dict[str, Path]] = {}
-        for data in self.spec.data:
-            topics = read_topics(data.topics)
+        for data in sorted(self.spec.data, key=lambda data: data.pseudo_queries is not None):
             qrels = read_qrels(data.qrels) if data.qrels else None
+            collection = open_collection(data.collection)
+            if data.pseudo_queries is None:
+                topics = read_topics(data.topics)
+            else:
+                topics = self._pseudo_topics(data, collection, {docid for group in held_out for docid in group.docids})
             run_files[data.name] = {name: Path(path) for name, path in data.runs.items()}
             if data.search:
                 run_files[data.name][data.search.name] = self._searched_run(data, topics, qrels)
@@ -75,7 +81,6 @@ class Trainer:
             if data.candidates is not None:
                 runs = [{qid: dict(list(docs.items())[: data.candidates]) for qid, docs in run.items()} for run in runs]
             train_qids, held_qids = split_queries(qids, data.held_out if qrels else 0, self.spec.seed)
-            collection = open_collection(data.collection)
             train += build_groups(topics, runs, collection, qrels=qrels, queries=train_qids, source=data.name)
             if held_qids:
                 held_out += build_groups(topics, runs, collection, qrels=qrels, queries=held_qids, source=data.name)
@@ -94,9 +99,20 @@ class Trainer:
             raise ValueError("losses.teacher_kl is set but the recipe has no teacher")
         return train, held_out
 
+    def _pseudo_topics(self, data, collection, exclude: set[str]) -> dict[str, str]:
+        spec = data.pseudo_queries
+        topics = pseudo_queries(collection, spec.count, f"{self.spec.seed}-{data.name}", min_words=spec.min_words,
+                                max_words=spec.max_words, exclude=exclude, prefix=f"{data.name}-")
+        self.log(f"{data.name}: {len(topics)} pseudo-queries cut from {data.collection} "
+                 f"({len(exclude)} held-out candidates excluded)")
+        if not topics:
+            raise InputError(f"{data.name}: no passage of {data.collection} is long enough for a pseudo-query")
+        return topics
+
     def _searched_run(self, data, topics: dict[str, str], qrels) -> Path:
         """``data.search``'s BM25 candidates for the data set's queries (the judged ones when there are qrels,
-        the first ``data.queries`` by qid), searched once and cached as a TREC run keyed by what made it."""
+        the first ``data.queries`` by qid), searched once and cached as a TREC run keyed by what made it. Without
+        an index, the data set's collection is indexed once into the cache."""
         search = data.search
         qids = sorted(qrels) if qrels is not None else sorted(topics)
         if data.queries is not None:
@@ -104,16 +120,32 @@ class Trainer:
         missing = [qid for qid in qids if qid not in topics]
         if missing:
             raise InputError(f"{data.name}: judged query {missing[0]!r} has no topic in {data.topics}")
-        key = hashlib.sha256(json.dumps([asdict(search), data.topics, qids], sort_keys=True).encode()).hexdigest()
+        index = search.index or self._collection_index(data)
+        queries = {qid: topics[qid] for qid in qids}
+        key = hashlib.sha256(json.dumps([asdict(search), str(index), queries], sort_keys=True).encode()).hexdigest()
         path = self.cache / "runs" / f"{data.name}-{search.name}-{key[:16]}.trec"
         if not path.is_file():
             from ..firststage import BM25
 
             options = {name: value for name, value in (("k1", search.k1), ("b", search.b)) if value is not None}
-            self.log(f"{data.name}: BM25 top {search.k} from {search.index} for {len(qids)} queries")
-            write_run(BM25(search.index, **options).batch_search({qid: topics[qid] for qid in qids}, k=search.k),
-                      path, tag=search.name)
+            self.log(f"{data.name}: BM25 top {search.k} from {index} for {len(qids)} queries")
+            write_run(BM25(str(index), **options).batch_search(queries, k=search.k), path, tag=search.name)
         return path
+
+    def _collection_index(self, data) -> Path:
+        """A Lucene index of ``data.collection`` in the cache, built on first use (keyed by the file's path,
+        size and modification time, or the ir_datasets id)."""
+        from ..firststage.bm25 import build_index
+
+        source = Path(data.collection)
+        stamp = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns] if source.is_file() \
+            else [data.collection]
+        index = self.cache / "indexes" / f"{data.name}-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
+        if not index.is_dir():
+            self.log(f"{data.name}: indexing {data.collection} for BM25 into {index}")
+            index.parent.mkdir(parents=True, exist_ok=True)
+            build_index(data.collection, index, progress=self.progress)
+        return index
 
     # -- the whole run --------------------------------------------------------------------------
 

@@ -20,6 +20,10 @@
           collection: msmarco-passage
           search: {index: msmarco-v1-passage, k: 30}       # candidates searched here (no runs: files)
           queries: 20000                                   # the first N judged queries, by qid
+        - name: dl22-pseudo                      # augmentation: unlabelled keyword spans cut from the
+          collection: ../shared/trec-dl/dl22/passages.jsonl  # passages (train/pseudo.py), BM25 candidates
+          pseudo_queries: {count: 400, min_words: 3, max_words: 8}
+          search: {k: 24}                                  # no index: the collection is indexed into the cache
       teacher:                                   # cross-encoder | bi-encoder | run | fusion (see teacher.py)
         fusion:
           - {bi-encoder: ../shared/models/all-MiniLM-L6-v2, weight: 1.0}
@@ -51,7 +55,7 @@ from ..errors import InputError
 @dataclass(frozen=True)
 class DataSpec:
     name: str
-    topics: str
+    topics: str | None              # None only with pseudo_queries
     collection: str
     runs: dict[str, str] = field(default_factory=dict)
     qrels: str | None = None
@@ -59,17 +63,28 @@ class DataSpec:
     queries: int | None = None      # use only the first N queries (by qid; of the judged ones with search)
     candidates: int | None = None   # keep only the first N candidates of each query (smoke runs)
     search: SearchSpec | None = None   # candidates from a BM25 search instead of (or besides) run files
+    pseudo_queries: PseudoQuerySpec | None = None   # queries cut from the collection's passages (pseudo.py)
 
 
 @dataclass(frozen=True)
 class SearchSpec:
     """BM25 candidates for a data set's queries, searched once and cached as a TREC run."""
 
-    index: str                      # a Lucene index directory or a Pyserini prebuilt name (msmarco-v1-passage)
+    index: str | None = None        # a Lucene index directory or a Pyserini prebuilt name (msmarco-v1-passage);
+                                    # None: the data set's collection, indexed once into the cache
     k: int = 30
     name: str = "bm25"              # the run's name, for a ``{run: NAME}`` teacher
     k1: float | None = None         # BM25 parameters (default: Anserini's 0.9 / 0.4)
     b: float | None = None
+
+
+@dataclass(frozen=True)
+class PseudoQuerySpec:
+    """Unlabelled queries cut from the data set's own passages; the teacher ranks their BM25 candidates."""
+
+    count: int = 500
+    min_words: int = 3
+    max_words: int = 8
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,9 @@ class TrainSpec:
         queries, candidates, steps = (int(self.smoke.get(key, default)) for key, default in
                                       (("queries", 4), ("candidates", 16), ("steps", 3)))
         data = tuple(replace(spec, queries=queries + min(spec.held_out, 2), candidates=candidates,
-                             held_out=min(spec.held_out, 2)) for spec in self.data)
+                             held_out=min(spec.held_out, 2),
+                             pseudo_queries=spec.pseudo_queries and replace(spec.pseudo_queries, count=queries))
+                     for spec in self.data)
         shrink = lambda stage: replace(stage, steps=min(stage.steps, steps), eval_every=0)  # noqa: E731
         return replace(self, data=data, full=shrink(self.full), width=shrink(self.width), depth=shrink(self.depth),
                        rewire_lists=min(self.rewire_lists, 2), list_size=min(self.list_size, 8),
@@ -148,6 +165,23 @@ def _build(cls, values: Mapping[str, Any], where: str):
         raise InputError(f"{where}: {error}") from None
 
 
+def _pseudo_spec(item: Mapping[str, Any], where: str) -> PseudoQuerySpec:
+    clashing = [key for key in ("topics", "qrels", "runs", "held_out") if item.get(key)]
+    if clashing:
+        raise InputError(f"{where}: pseudo_queries makes its own queries (unlabelled, candidates from search); "
+                         f"remove {clashing}")
+    if not item.get("search"):
+        raise InputError(f"{where}: pseudo_queries need search (their BM25 candidates), e.g. search: {{k: 24}}")
+    spec = _build(PseudoQuerySpec, item["pseudo_queries"] or {}, f"{where}.pseudo_queries")
+    for key in ("count", "min_words", "max_words"):
+        value = getattr(spec, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{where}.pseudo_queries.{key}: expected a positive integer, got {value!r}")
+    if spec.min_words > spec.max_words:
+        raise InputError(f"{where}.pseudo_queries: min_words {spec.min_words} > max_words {spec.max_words}")
+    return spec
+
+
 def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> TrainSpec:
     """Check and type a recipe's ``train:`` mapping; errors name the key that is wrong."""
     section = dict(section)
@@ -159,9 +193,13 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         raise InputError(f"{where}.data: expected a non-empty list of data sets")
     specs = []
     for i, item in enumerate(data):
-        for key in ("name", "topics", "collection"):
+        pseudo = isinstance(item, Mapping) and item.get("pseudo_queries") is not None
+        for key in ("name", "collection") + (() if pseudo else ("topics",)):
             if not isinstance(item, Mapping) or key not in item:
                 raise InputError(f"{where}.data[{i}]: missing required key {key!r}")
+        if pseudo:
+            item = {**item, "topics": None,
+                    "pseudo_queries": _pseudo_spec(item, f"{where}.data[{i}]")}
         if not item.get("runs") and not item.get("search"):
             raise InputError(f"{where}.data[{i}]: give runs (candidate run files) or search (a BM25 index)")
         search = item.get("search")

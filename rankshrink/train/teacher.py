@@ -100,11 +100,14 @@ class BiEncoderTeacher(Teacher):
 
 
 class RunTeacher(Teacher):
-    """``runs`` maps a group's ``source`` (data set name) to the run file that scores its candidates."""
+    """``runs`` maps a group's ``source`` (data set name) to the run file that scores its candidates.
+    ``partial``: a data set without a run scores 0 for every candidate (no opinion; in a fusion the other parts
+    decide) instead of raising."""
 
-    def __init__(self, runs: Mapping[str, str | Path], missing_margin: float = 0.1):
+    def __init__(self, runs: Mapping[str, str | Path], missing_margin: float = 0.1, partial: bool = False):
         self.run_paths = {source: Path(path) for source, path in runs.items()}
         self.missing_margin = missing_margin
+        self.partial = partial
         self._runs: dict[str, Run] = {}
 
     def identity(self) -> dict[str, Any]:
@@ -114,6 +117,9 @@ class RunTeacher(Teacher):
     def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
         out = []
         for group in groups:
+            if group.source not in self.run_paths and self.partial:
+                out.append(np.zeros(len(group), dtype=np.float32))
+                continue
             if group.source not in self.run_paths:
                 raise InputError(f"run teacher has no run for data set {group.source!r} "
                                  f"(it has {sorted(self.run_paths)})")
@@ -169,8 +175,14 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
 
     ``{"cross-encoder": NAME_OR_PATH, "max_length": 256}``, ``{"bi-encoder": NAME_OR_PATH, "scale": 20}``,
     ``{"run": RUN_NAME}`` (that run of each training data set: ``runs_by_source[source][RUN_NAME]``), or
-    ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``.
+    ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``; in a fusion, a run part
+    scores only the data sets that have that run (the others' lists are fused from the remaining parts).
     """
+    return _teacher_from_spec(spec, runs_by_source, in_fusion=False)
+
+
+def _teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None,
+                       in_fusion: bool) -> Teacher:
     kinds = [key for key in ("cross-encoder", "bi-encoder", "run", "fusion") if key in spec]
     if len(kinds) != 1:
         raise InputError(f"teacher {dict(spec)}: expected exactly one of cross-encoder, bi-encoder, run, fusion")
@@ -186,12 +198,12 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
         available = {source: runs[name] for source, runs in runs_by_source.items() if name in runs}
         if not available:
             raise InputError(f"teacher run {name!r}: no training data set has a run of that name")
-        return RunTeacher(available)
+        return RunTeacher(available, partial=in_fusion)
     parts = spec[kind]
     if not isinstance(parts, list):
         raise InputError(f"teacher fusion: expected a list of parts, got {parts!r}")
-    return FusionTeacher([(teacher_from_spec({k: v for k, v in part.items() if k != "weight"}, runs_by_source),
-                           float(part.get("weight", 1.0))) for part in parts])
+    return FusionTeacher([(_teacher_from_spec({k: v for k, v in part.items() if k != "weight"}, runs_by_source,
+                                              in_fusion=True), float(part.get("weight", 1.0))) for part in parts])
 
 
 def score_groups(teacher: Teacher, groups: Sequence[TrainingGroup], cache_dir: str | Path | None) -> None:
