@@ -1,5 +1,5 @@
 """What every index build and searcher shares: a safe target directory, publishing a finished build in one
-rename, batching a collection, and checking ``k``."""
+rename, batching a collection, telling one collection from another, and checking ``k``."""
 from __future__ import annotations
 
 import os
@@ -66,3 +66,13 @@ def count_hint(passages: Collection) -> int | None:
 def check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
+
+
+def source_identity(source: str | Path) -> dict:
+    """Enough to notice that a collection (a file, or an ir_datasets id) is another one than before: for a file,
+    its absolute path, size and modification time."""
+    path = Path(source)
+    if path.is_file():
+        stat = path.stat()
+        return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"irds": str(source)}

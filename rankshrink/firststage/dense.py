@@ -32,7 +32,7 @@ import numpy as np
 
 from ..data import Collection, Run, atomic_write, open_collection
 from ..errors import InputError
-from .building import batches, check_k, check_writable_index_dir, count_hint, publish_directory
+from .building import batches, check_k, check_writable_index_dir, count_hint, publish_directory, source_identity
 
 FaissKind = Literal["flat", "hnsw", "ivfpq"]
 EncodeDtype = Literal["auto", "fp32", "bf16"]
@@ -165,7 +165,7 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
     chosen_dtype = resolve_dtype(dtype, device)
     model = load_encoder(encoder, device, chosen_dtype, max_length)
     similarity = similarity_of(model)
-    settings = {"collection": _source_identity(passages), "encoder": _encoder_reference(encoder), "dtype": chosen_dtype,
+    settings = {"collection": source_identity(passages.source), "encoder": _encoder_reference(encoder), "dtype": chosen_dtype,
                 "max_length": model.max_seq_length, "shard_size": shard_size, "similarity": similarity}
     building = index_dir.parent / f".{index_dir.name}.building-dense"
     with _exclusive(building, index_dir):
@@ -200,15 +200,6 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
             raise
         shutil.rmtree(building)  # the shards; our lock goes with them
     return info
-
-
-def _source_identity(passages: Collection) -> dict:
-    """Enough to notice that a resumed build reads another collection."""
-    path = Path(passages.source)
-    if path.is_file():
-        stat = path.stat()
-        return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"irds": passages.source}
 
 
 def _collection_reference(passages: Collection) -> str:

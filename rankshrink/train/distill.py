@@ -133,14 +133,12 @@ class Trainer:
         return path
 
     def _collection_index(self, data) -> Path:
-        """A Lucene index of ``data.collection`` in the cache, built on first use (keyed by the file's path,
-        size and modification time, or the ir_datasets id)."""
+        """A Lucene index of ``data.collection`` in the cache, built on first use (keyed by ``source_identity``)."""
         from ..firststage.bm25 import build_index
+        from ..firststage.building import source_identity
 
-        source = Path(data.collection)
-        stamp = [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns] if source.is_file() \
-            else [data.collection]
-        index = self.cache / "indexes" / f"{data.name}-{hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
+        key = hashlib.sha256(json.dumps(source_identity(data.collection), sort_keys=True).encode()).hexdigest()
+        index = self.cache / "indexes" / f"{data.name}-{key[:16]}"
         if not index.is_dir():
             self.log(f"{data.name}: indexing {data.collection} for BM25 into {index}")
             index.parent.mkdir(parents=True, exist_ok=True)
