@@ -99,35 +99,61 @@ def test_losses():
 
 
 class CountingTeacher(Teacher):
-    """A real (if simple) teacher: passage length. Counts how often it is asked to score."""
+    """A real (if simple) teacher: passage length (times ``scale``). Counts the lists it is asked to score."""
 
-    calls = 0
+    def __init__(self, scale: float = 1.0):
+        self.scale, self.scored = scale, 0
 
     def identity(self):
-        return {"kind": "length"}
+        return {"kind": "length", "scale": self.scale}
 
     def score(self, groups):
-        CountingTeacher.calls += 1
-        return [np.array([len(text) for text in group.texts], dtype=np.float32) for group in groups]
+        self.scored += len(groups)
+        return [self.scale * np.array([len(text) for text in group.texts], dtype=np.float32) for group in groups]
 
 
-def test_teacher_scores_are_cached(tiny_data, tmp_path):
+def test_teacher_scores_are_cached_per_list(tiny_data, tmp_path):
     from rankshrink.data import read_run, read_topics
 
     groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), [read_run(tiny_data["runs"]["bm25"])],
                           Collection(tiny_data["dir"] / "passages.jsonl"), source="tiny")
+    assert len(groups) >= 3
     teacher = CountingTeacher()
-    score_groups(teacher, groups, tmp_path / "cache")
-    first = [group.teacher.copy() for group in groups]
+    score_groups(teacher, groups[:-1], tmp_path / "cache")
+    assert teacher.scored == len(groups) - 1
+    first = [group.teacher.copy() for group in groups[:-1]]
     for group in groups:
         group.teacher = None
-    score_groups(teacher, groups, tmp_path / "cache")
-    assert CountingTeacher.calls == 1
+    score_groups(teacher, groups, tmp_path / "cache")   # one list more: only it is scored
+    assert teacher.scored == len(groups)
     assert all(np.array_equal(a, group.teacher) for a, group in zip(first, groups))
-    groups[0].docids = groups[0].docids[:-1]  # other lists: a new cache entry
+    assert np.array_equal(groups[-1].teacher, [len(text) for text in groups[-1].texts])
+    groups[0].docids = groups[0].docids[:-1]  # another list under the same qid: scored again
     groups[0].texts = groups[0].texts[:-1]
     score_groups(teacher, groups, tmp_path / "cache")
-    assert CountingTeacher.calls == 2
+    assert teacher.scored == len(groups) + 1
+    groups[1].query += " edited"               # an edited query text too
+    score_groups(teacher, groups, tmp_path / "cache")
+    assert teacher.scored == len(groups) + 2
+    other = CountingTeacher(scale=2.0)         # another teacher: its own cache
+    score_groups(other, groups, tmp_path / "cache")
+    assert other.scored == len(groups)
+    assert np.array_equal(groups[2].teacher, [2.0 * len(text) for text in groups[2].texts])
+
+
+def test_a_fusion_caches_each_part_so_a_new_weight_rescores_nothing(tiny_data, tmp_path):
+    from rankshrink.data import read_run, read_topics
+
+    groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), [read_run(tiny_data["runs"]["bm25"])],
+                          Collection(tiny_data["dir"] / "passages.jsonl"), source="tiny")
+    lengths, doubled = CountingTeacher(), CountingTeacher(scale=-2.0)
+    score_groups(FusionTeacher([(lengths, 1.0), (doubled, 0.5)]), groups, tmp_path / "cache")
+    assert lengths.scored == doubled.scored == len(groups)
+    reweighted = FusionTeacher([(lengths, 1.0), (doubled, 3.0)])
+    score_groups(reweighted, groups, tmp_path / "cache")
+    assert lengths.scored == doubled.scored == len(groups)
+    expected = reweighted.score(groups)   # uncached: the same fusion computed directly
+    assert all(np.allclose(group.teacher, scores) for group, scores in zip(groups, expected))
 
 
 def test_run_and_fusion_teachers(tiny_data):

@@ -9,8 +9,10 @@
 - ``FusionTeacher``: a weighted sum of other teachers' scores, each z-normalised within the query — how
   the offline recipe combines the bi-encoder with the shipped first-stage runs.
 
-Scores are cached as JSON under ``cache_dir``, keyed by the teacher's identity (model name and a hash of
-its weights file) and the exact (qid, candidates) lists, so a rerun of a recipe does not rescore.
+Scores are cached as JSON under ``cache_dir``: one file per teacher identity (model name and a hash of its
+weights file, or run files' hashes), holding each list's scores keyed by what the list is (data set, qid, query,
+candidates and their texts). A rerun of a recipe does not rescore; adding a data set scores only its lists; a
+fusion caches each part on its own, so changing a weight or a run rescores no model.
 
 >>> teacher = teacher_from_spec({"bi-encoder": "../shared/models/all-MiniLM-L6-v2"})   # doctest: +SKIP
 >>> score_groups(teacher, groups, cache_dir="cache/teacher")                           # doctest: +SKIP
@@ -144,9 +146,13 @@ class FusionTeacher(Teacher):
         return {"kind": "fusion", "parts": [{"weight": weight, **teacher.identity()} for teacher, weight in self.parts]}
 
     def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
-        total = [np.zeros(len(group), dtype=np.float32) for group in groups]
-        for teacher, weight in self.parts:
-            for fused, scores in zip(total, teacher.score(groups)):
+        return self.fuse([teacher.score(groups) for teacher, _ in self.parts])
+
+    def fuse(self, part_scores: Sequence[list[np.ndarray]]) -> list[np.ndarray]:
+        """The weighted sum of each part's scores (``part_scores[i]``: part i's, per group), z-normalised per group."""
+        total = [np.zeros(len(scores), dtype=np.float32) for scores in part_scores[0]]
+        for (_, weight), scores_by_group in zip(self.parts, part_scores):
+            for fused, scores in zip(total, scores_by_group):
                 fused += weight * _z_normalised(scores)
         return total
 
@@ -207,23 +213,33 @@ def _teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Map
 
 
 def score_groups(teacher: Teacher, groups: Sequence[TrainingGroup], cache_dir: str | Path | None) -> None:
-    """Set ``group.teacher`` for every group, reading the cache when this teacher already scored exactly
-    these lists, else scoring and writing the cache (atomically)."""
-    cache_file = None
-    if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(
-            {"teacher": teacher.identity(), "groups": [[group.key, group.docids] for group in groups]},
-            sort_keys=True).encode()).hexdigest()[:32]
-        cache_file = Path(cache_dir) / f"teacher-{key}.json"
-        if cache_file.is_file():
-            cached = json.loads(cache_file.read_text())["scores"]
-            for group in groups:
-                group.teacher = np.asarray(cached[group.key], dtype=np.float32)
-            return
-    scores = teacher.score(groups)
-    for group, values in zip(groups, scores):
-        group.teacher = np.asarray(values, dtype=np.float32)
-    if cache_file is not None:
+    """Set ``group.teacher`` for every group: cached lists are read, only the others are scored (and added to
+    the cache, atomically). A fusion's parts are cached one by one and fused afterwards."""
+    for group, scores in zip(groups, _cached_scores(teacher, groups, cache_dir)):
+        group.teacher = np.asarray(scores, dtype=np.float32)
+
+
+def _cached_scores(teacher: Teacher, groups: Sequence[TrainingGroup], cache_dir: str | Path | None
+                   ) -> list[np.ndarray]:
+    if isinstance(teacher, FusionTeacher):
+        return teacher.fuse([_cached_scores(part, groups, cache_dir) for part, _ in teacher.parts])
+    if cache_dir is None:
+        return teacher.score(groups)
+    identity = teacher.identity()
+    name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+    cache_file = Path(cache_dir) / f"scores-{identity['kind']}-{name}.json"
+    cached: dict[str, list[float]] = json.loads(cache_file.read_text())["scores"] if cache_file.is_file() else {}
+    keys = [_list_key(group) for group in groups]
+    missing = [group for group, key in zip(groups, keys) if key not in cached]
+    if missing:
+        for group, scores in zip(missing, teacher.score(missing)):
+            cached[_list_key(group)] = np.asarray(scores, dtype=np.float32).tolist()
         with atomic_write(cache_file) as out:
-            json.dump({"teacher": teacher.identity(),
-                       "scores": {group.key: group.teacher.tolist() for group in groups}}, out)
+            json.dump({"teacher": identity, "scores": cached}, out)
+    return [np.asarray(cached[key], dtype=np.float32) for key in keys]
+
+
+def _list_key(group: TrainingGroup) -> str:
+    """What a teacher's scores of a list depend on: its data set (which run), query and candidates' texts."""
+    return hashlib.sha256(json.dumps([group.source, group.qid, group.query, group.docids, group.texts]).encode()
+                          ).hexdigest()[:32]
