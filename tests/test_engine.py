@@ -281,3 +281,32 @@ def test_config_from_reranker_options():
     assert RerankConfig(0.5, 0.75, 128, 30, 0.1).label() == "w0.5 d0.75 L128 K30 exits 0.1"
     with pytest.raises(InputError):
         RerankConfig(candidates=0)
+
+
+_KERNEL_CACHE_PROBE = """
+import torch
+import rankshrink.model
+weight, bias = torch.randn(16, 16), torch.zeros(16)
+for _ in range(2):
+    for rows in range(1, 1101):
+        torch.ops.mkldnn._linear_pointwise(torch.randn(rows, 16), weight, bias, "none", [], "")
+    print("round", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="no oneDNN fused linear")
+@pytest.mark.parametrize("capacity, second_round_misses", [(None, 0), ("1024", 1100)])
+def test_onednn_keeps_the_kernels_of_more_shapes_than_its_default_cache(capacity, second_round_misses):
+    """1100 matrix shapes, twice: with rankshrink imported, oneDNN still has all of them the second time;
+    a user's own cache size (here oneDNN's default, 1024) wins, and then every one is rebuilt."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env.update({"ONEDNN_VERBOSE": "2", **({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity} if capacity else {})})
+    log = subprocess.run([sys.executable, "-c", _KERNEL_CACHE_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    second_round = log.split("round")[1]
+    assert second_round.count("cache_miss") == second_round_misses
+    assert second_round.count("cache_hit") == 1100 - second_round_misses

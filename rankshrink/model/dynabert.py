@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -171,6 +172,12 @@ def _check_multiplier(value: float, name: str) -> float:
 # which width slices by column, are stored column-major (see SelfAttention and FeedForward).
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+# oneDNN builds a kernel per matrix shape and keeps the last 1024; a query's micro-batches are new shapes (rows ×
+# length), and dl19's 43 queries need ~200 per linear, so the default cache keeps rebuilding them. oneDNN reads
+# this when it builds its first kernel (so it holds when nothing ran oneDNN before rankshrink was imported); a
+# user's own setting wins. Measured: 3.74x -> 3.85x against the peer in one bench (eval/README.md).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 
 # Scores of one slice of heads in bf16_attention: about what stays in this CPU's 1 MiB-per-core L2. Alone,
