@@ -146,12 +146,12 @@ def test_a_fusion_caches_each_part_so_a_new_weight_rescores_nothing(tiny_data, t
 
     groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), [read_run(tiny_data["runs"]["bm25"])],
                           Collection(tiny_data["dir"] / "passages.jsonl"), source="tiny")
-    lengths, doubled = CountingTeacher(), CountingTeacher(scale=-2.0)
-    score_groups(FusionTeacher([(lengths, 1.0), (doubled, 0.5)]), groups, tmp_path / "cache")
-    assert lengths.scored == doubled.scored == len(groups)
-    reweighted = FusionTeacher([(lengths, 1.0), (doubled, 3.0)])
+    lengths, negated = CountingTeacher(), CountingTeacher(scale=-2.0)
+    score_groups(FusionTeacher([(lengths, 1.0), (negated, 0.5)]), groups, tmp_path / "cache")
+    assert lengths.scored == negated.scored == len(groups)
+    reweighted = FusionTeacher([(lengths, 1.0), (negated, 3.0)])
     score_groups(reweighted, groups, tmp_path / "cache")
-    assert lengths.scored == doubled.scored == len(groups)
+    assert lengths.scored == negated.scored == len(groups)
     expected = reweighted.score(groups)   # uncached: the same fusion computed directly
     assert all(np.allclose(group.teacher, scores) for group, scores in zip(groups, expected))
 

@@ -176,7 +176,8 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 # oneDNN builds a kernel per matrix shape and keeps the last 1024; a query's micro-batches are new shapes (rows ×
 # length), and dl19's 43 queries need ~200 per linear, so the default cache keeps rebuilding them. oneDNN reads
 # this when it builds its first kernel (so it holds when nothing ran oneDNN before rankshrink was imported); a
-# user's own setting wins. Measured: 3.74x -> 3.85x against the peer in one bench (eval/README.md).
+# user's own setting wins. Measured: 3.74x -> 3.85x against the peer in one pair of benches, less than this
+# machine's drift between runs (eval/README.md).
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 
