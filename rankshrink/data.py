@@ -13,6 +13,7 @@ gzipped) or ir_datasets ids such as ``msmarco-passage/trec-dl-2019/judged``.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -54,6 +55,11 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def json_digest(value, length: int = 32) -> str:
+    """A hex name for a JSON-able value (dict keys sorted): how caches name an entry after what made it."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
 def _read_umask() -> int:

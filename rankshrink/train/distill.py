@@ -17,7 +17,6 @@ it stopped); a fixed seed gives the same model; each stage logs JSON lines to ``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import atomic_write, open_collection, read_qrels, read_run, read_topics, write_run
+from ..data import atomic_write, json_digest, open_collection, read_qrels, read_run, read_topics, write_run
 from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
@@ -51,7 +50,7 @@ class Trainer:
 
     def __init__(self, spec: TrainSpec, progress: bool = True, log: Callable[[str], None] = print):
         self.spec, self.progress, self.log = spec, progress, log
-        self.fingerprint = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        self.fingerprint = json_digest(asdict(spec), 16)
         self.cache = Path(spec.cache)
         self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint
         self.log_dir = self.cache / "logs"
@@ -122,8 +121,8 @@ class Trainer:
             raise InputError(f"{data.name}: judged query {missing[0]!r} has no topic in {data.topics}")
         index = search.index or self._collection_index(data)
         queries = {qid: topics[qid] for qid in qids}
-        key = hashlib.sha256(json.dumps([asdict(search), str(index), queries], sort_keys=True).encode()).hexdigest()
-        path = self.cache / "runs" / f"{data.name}-{search.name}-{key[:16]}.trec"
+        key = json_digest([asdict(search), str(index), queries], 16)
+        path = self.cache / "runs" / f"{data.name}-{search.name}-{key}.trec"
         if not path.is_file():
             from ..firststage import BM25
 
@@ -137,8 +136,7 @@ class Trainer:
         from ..firststage.bm25 import build_index
         from ..firststage.building import source_identity
 
-        key = hashlib.sha256(json.dumps(source_identity(data.collection), sort_keys=True).encode()).hexdigest()
-        index = self.cache / "indexes" / f"{data.name}-{key[:16]}"
+        index = self.cache / "indexes" / f"{data.name}-{json_digest(source_identity(data.collection), 16)}"
         if not index.is_dir():
             self.log(f"{data.name}: indexing {data.collection} for BM25 into {index}")
             index.parent.mkdir(parents=True, exist_ok=True)

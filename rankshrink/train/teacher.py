@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Run, atomic_write, read_run
+from ..data import Run, atomic_write, json_digest, read_run
 from ..errors import InputError
 from .groups import TrainingGroup
 
@@ -226,14 +226,13 @@ def _cached_scores(teacher: Teacher, groups: Sequence[TrainingGroup], cache_dir:
     if cache_dir is None:
         return teacher.score(groups)
     identity = teacher.identity()
-    name = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-    cache_file = Path(cache_dir) / f"scores-{identity['kind']}-{name}.json"
+    cache_file = Path(cache_dir) / f"scores-{identity['kind']}-{json_digest(identity)}.json"
     cached: dict[str, list[float]] = json.loads(cache_file.read_text())["scores"] if cache_file.is_file() else {}
     keys = [_list_key(group) for group in groups]
-    missing = [group for group, key in zip(groups, keys) if key not in cached]
+    missing = {key: group for key, group in zip(keys, groups) if key not in cached}
     if missing:
-        for group, scores in zip(missing, teacher.score(missing)):
-            cached[_list_key(group)] = np.asarray(scores, dtype=np.float32).tolist()
+        for key, scores in zip(missing, teacher.score(list(missing.values()))):
+            cached[key] = np.asarray(scores, dtype=np.float32).tolist()
         with atomic_write(cache_file) as out:
             json.dump({"teacher": identity, "scores": cached}, out)
     return [np.asarray(cached[key], dtype=np.float32) for key in keys]
@@ -241,5 +240,4 @@ def _cached_scores(teacher: Teacher, groups: Sequence[TrainingGroup], cache_dir:
 
 def _list_key(group: TrainingGroup) -> str:
     """What a teacher's scores of a list depend on: its data set (which run), query and candidates' texts."""
-    return hashlib.sha256(json.dumps([group.source, group.qid, group.query, group.docids, group.texts]).encode()
-                          ).hexdigest()[:32]
+    return json_digest([group.source, group.qid, group.query, group.docids, group.texts])
