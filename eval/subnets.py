@@ -65,8 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="NAME=DIR: the trained model, every sub-network and exit")
     parser.add_argument("--append", action="store_true",
-                        help="keep OUTPUT/results.json's rows (--model's and other ablations', scored earlier); "
-                             "score only the --ablation models, replacing their rows")
+                        help="keep OUTPUT/results.json's rows of the models not named here (ablations scored "
+                             "earlier); score --model and the --ablation models, replacing their rows")
     parser.add_argument("--ablation", action="append", default=[], help="NAME=DIR: ablation rows (4 configs each)")
     parser.add_argument("--split", type=Path, default=SHARED)
     parser.add_argument("--max-length", type=int, default=256)
@@ -82,14 +82,14 @@ def main() -> int:
     topics, qrels = read_topics(args.split / "topics.tsv"), read_qrels(args.split / "qrels.txt")
     qrels = {qid: judged for qid, judged in qrels.items() if qid in run}
     collection = open_collection(args.split / "passages.jsonl")
-    rows, main_name = [], args.model.partition("=")[0]
-    todo = [(args.model, [(w, d) for d in DEPTHS for w in WIDTHS], True)]
+    rows, kept, main_name = [], [], args.model.partition("=")[0]
     if args.append:
-        rescored = {spec.partition("=")[0] for spec in args.ablation}
-        rows = [row for row in json.loads((args.output / "results.json").read_text())["rows"]
+        rescored = {main_name, *(spec.partition("=")[0] for spec in args.ablation)}
+        kept = [row for row in json.loads((args.output / "results.json").read_text())["rows"]
                 if row["model"] not in rescored]
-        todo = []
-    for spec, configs, exits in [*todo, *((spec, ABLATION_CONFIGS, False) for spec in args.ablation)]:
+    todo = [(args.model, [(w, d) for d in DEPTHS for w in WIDTHS], True),
+            *((spec, ABLATION_CONFIGS, False) for spec in args.ablation)]
+    for spec, configs, exits in todo:
         name, _, directory = spec.partition("=")
         model = load_model(directory).eval()
         runs, gflops = score_queries(model, run, topics, collection, args.max_length, configs, exits)
@@ -101,6 +101,7 @@ def main() -> int:
             rows.append({"model": name, "config": config, "ndcg@10": round(scores[config]["ndcg@10"], 4),
                          "of_full": round(scores[config]["ndcg@10"] / full, 4), "gflops": round(gflops[config], 2)})
         print(f"{name}: full network nDCG@10 {full:.4f}", file=sys.stderr)
+    rows += kept
 
     args.output.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.output / "results.json") as out:
