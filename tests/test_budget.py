@@ -217,20 +217,6 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     assert not after.stats.deadline_hit
 
 
-def test_profile_skips_the_dev_queries_the_model_trained_on(tiny):
-    run, topics, collection, qrels = tiny_dev()
-    tiny.metadata["training"] = {"queries_trained_on": {"dev": {"q0": topics["q0"], "q2": topics["q2"]},
-                                                        "other": {"q1": "another query with the same qid"}}}
-    grid = dict(widths=[1.0], depths=[1.0], max_lengths=[16], candidates=[10], exit_risks=[None], dtype="fp32",
-                time_queries=0, top_k=3, progress=False)
-    result = profile(tiny, run, topics, collection, qrels, **grid)
-    assert result.profile["queries"] == 2 and result.profile["skipped_trained_queries"] == 2   # q1 and q3 left
-    assert profile(tiny, run, topics, collection, qrels, include_trained_queries=True, **grid).profile["queries"] == 4
-    tiny.metadata["training"]["queries_trained_on"]["dev"].update({"q1": topics["q1"], "q3": topics["q3"]})
-    with pytest.raises(InputError, match="trained on every judged dev query"):
-        profile(tiny, run, topics, collection, qrels, **grid)
-
-
 def test_save_profile_needs_a_rankshrink_directory(tiny_dir, tiny, tmp_path):
     from rankshrink.rerank.profiling import ProfileResult
 

@@ -16,7 +16,6 @@ from conftest import REPO, shared_path
 from rankshrink.data import Collection, write_run
 from rankshrink.errors import InputError
 from rankshrink.train import Trainer, build_groups, sample_list, train_recipe, train_spec_from_dict
-from rankshrink.train.groups import split_queries
 from rankshrink.train.losses import hidden_mse, listwise_ce, listwise_kl
 from rankshrink.train.teacher import FusionTeacher, RunTeacher, Teacher, score_groups
 from test_model_fixtures import PASSAGES, QUERIES, tiny_hf_cross_encoder
@@ -234,11 +233,6 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     model = load_model(tiny_data["dir"] / "out")
     training = model.metadata["training"]
     assert set(training["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth"}
-    from rankshrink.data import read_run, read_topics
-
-    topics = read_topics(tiny_data["dir"] / "topics.tsv")
-    trained, _ = split_queries(sorted({qid for path in tiny_data["runs"].values() for qid in read_run(path)}), 1, 3)
-    assert training["queries_trained_on"] == {"tiny": {qid: topics[qid] for qid in trained}}   # not the held-out
     assert model.rewiring is not None
     for stage in ("full", "width", "depth"):
         lines = (tiny_data["dir"] / "cache" / "logs" / f"{stage}.jsonl").read_text().splitlines()

@@ -36,9 +36,6 @@ def register(subparsers) -> None:
     parser.add_argument("--exit-risks", nargs="+", default=["off", *(f"{r:g}" for r in DEFAULT_EXIT_RISKS if r)],
                         help="exit risks to try; 'off' is no early exit (default: %(default)s)")
     parser.add_argument("--queries", type=int, help="profile on this many dev queries (default: all judged ones)")
-    parser.add_argument("--include-trained-queries", action="store_true",
-                        help="also profile on dev queries the model trained on (skipped by default: its training "
-                             "metadata lists them; on them sub-networks and exits look better than they are)")
     parser.add_argument("--time-queries", type=int, default=20,
                         help="dev queries that time each frontier configuration for real (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=10, help="the cut early exits protect (default: %(default)s)")
@@ -80,11 +77,7 @@ def run(args: argparse.Namespace) -> int:
                      read_qrels(args.qrels), widths=args.widths, depths=args.depths, max_lengths=args.max_lengths,
                      candidates=args.candidates, exit_risks=parse_risks(args.exit_risks), dtype=args.dtype,
                      threads=args.threads, queries=args.queries, time_queries=args.time_queries, top_k=args.top_k,
-                     progress=not args.quiet, dev_name=f"{args.run} ({args.qrels})",
-                     include_trained_queries=args.include_trained_queries)
-    if result.profile["skipped_trained_queries"]:
-        print(f"rankshrink profile: skipped {result.profile['skipped_trained_queries']} dev queries the model "
-              f"trained on; profiled on {result.profile['queries']}", file=sys.stderr)
+                     progress=not args.quiet, dev_name=f"{args.run} ({args.qrels})")
     if args.output is not None:
         model.metadata["calibration"] = result.calibration
         model.metadata["profile"] = result.profile

@@ -406,9 +406,6 @@ def _ensure_profile(recipe: Recipe, model: str | None, progress: bool, log) -> N
                      open_collection(section["collection"]), read_qrels(section["qrels"]), **grid,
                      queries=section.get("queries"), time_queries=section.get("time_queries", 20),
                      dtype=recipe.rerank["dtype"], progress=progress, dev_name=f"{section['run']} ({section['qrels']})")
-    if result.profile["skipped_trained_queries"]:
-        log(f"profile: skipped {result.profile['skipped_trained_queries']} dev queries the model trained on; "
-            f"profiled on {result.profile['queries']}")
     save_profile(model, result)
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -68,24 +68,12 @@ class _DevQuery:
     texts: list[str]
 
 
-def trained_queries(model) -> set[tuple[str, str]]:
-    """The (qid, query) pairs the model trained on, as ``rankshrink train`` lists them in its metadata."""
-    listed = model.metadata.get("training", {}).get("queries_trained_on", {})
-    return {(qid, query) for queries in listed.values() for qid, query in queries.items()}
-
-
 def dev_queries(run: Run, topics: Topics, collection: Any, qrels: Qrels, candidates: int,
-                queries: int | None = None, skip: Collection[tuple[str, str]] = ()) -> list[_DevQuery]:
-    """The judged queries of ``run`` but those in ``skip`` (qid, query) (sorted by qid; ``queries`` of them,
-    evenly spread, when given)."""
-    judged = sorted(qid for qid in run if qid in qrels and qid in topics)
-    if not judged:
-        raise InputError("no query of the run is both judged (in the qrels) and in the topics: nothing to profile on")
-    qids = [qid for qid in judged if (qid, topics[qid]) not in skip]
+                queries: int | None = None) -> list[_DevQuery]:
+    """The judged queries of ``run`` (sorted by qid; ``queries`` of them, evenly spread, when given)."""
+    qids = sorted(qid for qid in run if qid in qrels and qid in topics)
     if not qids:
-        raise InputError(f"the model trained on every judged dev query ({len(judged)}; its metadata lists them): "
-                         f"profile on queries it did not train on (a recipe's held-out ones), or include them "
-                         f"knowingly (rankshrink profile --include-trained-queries)")
+        raise InputError("no query of the run is both judged (in the qrels) and in the topics: nothing to profile on")
     if queries is not None and queries < len(qids):
         step = len(qids) / queries
         qids = [qids[int(i * step)] for i in range(queries)]
@@ -162,14 +150,12 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
             exit_risks: Sequence[float | None] = DEFAULT_EXIT_RISKS, dtype: str = "auto",
             threads: int | None = None, queries: int | None = None, time_queries: int = 20,
             top_k: int = DEFAULT_TOP_K, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
-            dev_name: str = "dev", include_trained_queries: bool = False) -> ProfileResult:
+            dev_name: str = "dev") -> ProfileResult:
     """Calibrate exits and profile every (width × depth × max length × candidates × exit risk) on dev data.
 
     ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``queries``:
     profile on this many dev queries (default: all judged ones); ``time_queries``: how many of them time each
-    frontier configuration for real. Dev queries the model trained on (its training metadata lists them) are
-    skipped unless ``include_trained_queries``: on them every sub-network and exit looks closer to the full
-    network than it is. Returns a ``ProfileResult``; ``save_profile`` stores it with the model."""
+    frontier configuration for real. Returns a ``ProfileResult``; ``save_profile`` stores it with the model."""
     widths = sorted(set(float(w) for w in (widths or model.config.widths)))
     depths = sorted(set(float(d) for d in (depths or model.config.depths)))
     max_lengths = sorted(set(int(n) for n in max_lengths))
@@ -186,9 +172,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     started = time.time()
     machine = _machine()
     reranker = Reranker(model, exits=False, dtype=dtype, threads=threads, batch_tokens=batch_tokens, profile={})
-    skip = set() if include_trained_queries else trained_queries(model)
-    dev = dev_queries(run, topics, collection, qrels, candidates[-1], queries, skip)
-    skipped = sum((qid, topics[qid]) in skip for qid in run if qid in qrels and qid in topics)
+    dev = dev_queries(run, topics, collection, qrels, candidates[-1], queries)
     bases = [(w, d, n) for w in widths for d in depths for n in max_lengths]
 
     traces, samples = _trace(reranker, dev, bases, candidates[-1], progress)
@@ -232,8 +216,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
         "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1), "machine": machine,
         "dtype": calibration["dtype"], "threads": torch.get_num_threads(), "batch_tokens": batch_tokens,
-        "top_k": top_k, "dev": dev_name, "queries": len(dev), "skipped_trained_queries": skipped,
-        "timed_queries": len(timing),
+        "top_k": top_k, "dev": dev_name, "queries": len(dev), "timed_queries": len(timing),
         "grid": {"widths": widths, "depths": depths, "max_lengths": max_lengths, "candidates": candidates,
                  "exit_risks": risks},
         "cost_model": cost_model.to_dict(),

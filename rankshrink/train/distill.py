@@ -143,16 +143,6 @@ class Trainer:
             build_index(data.collection, index, progress=self.progress)
         return index
 
-    def real_queries(self, groups: Sequence[TrainingGroup]) -> dict[str, dict[str, str]]:
-        """{data set: {qid: query}} of the groups' queries that come from topics (pseudo-queries left out):
-        ``rankshrink profile`` skips these dev queries, where the model would look better than it is."""
-        pseudo = {data.name for data in self.spec.data if data.pseudo_queries is not None}
-        queries: dict[str, dict[str, str]] = {}
-        for group in groups:
-            if group.source not in pseudo:
-                queries.setdefault(group.source, {})[group.qid] = group.query
-        return {name: dict(sorted(chosen.items())) for name, chosen in sorted(queries.items())}
-
     # -- the whole run --------------------------------------------------------------------------
 
     def run(self) -> Path:
@@ -188,7 +178,6 @@ class Trainer:
             "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth")},
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
             "train_queries": len(train), "held_out_queries": len(held_out),
-            "queries_trained_on": self.real_queries(train),
             "elapsed_s_this_run": round(time.time() - started, 1),
         }
         save_model(model, self.spec.output)
