@@ -18,9 +18,7 @@ it stopped); a fixed seed gives the same model; each stage logs JSON lines to ``
 from __future__ import annotations
 
 import json
-import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -28,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..data import atomic_write, json_digest, open_collection, read_qrels, read_run, read_topics, write_run
