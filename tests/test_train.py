@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from rankshrink.data import Collection, write_run
 from rankshrink.errors import InputError
 from rankshrink.train import Trainer, build_groups, sample_list, train_recipe, train_spec_from_dict
 from rankshrink.train.losses import hidden_mse, listwise_ce, listwise_kl
-from rankshrink.train.teacher import FusionTeacher, RunTeacher, Teacher, score_groups
+from rankshrink.train.teacher import FusionTeacher, RunTeacher, Teacher, score_groups, teacher_from_spec
 from test_model_fixtures import PASSAGES, QUERIES, tiny_hf_cross_encoder
 
 
@@ -179,7 +180,6 @@ def test_a_fused_run_scores_only_the_data_sets_that_have_it(tiny_data):
     """Unlabelled extra data sets (pseudo-queries) may lack a run the fusion uses: that part abstains there,
     but a teacher that is only that run still refuses them."""
     from rankshrink.data import read_run, read_topics
-    from rankshrink.train.teacher import teacher_from_spec
 
     topics, collection = read_topics(tiny_data["dir"] / "topics.tsv"), Collection(tiny_data["dir"] / "passages.jsonl")
     runs = [read_run(tiny_data["runs"]["bm25"]), read_run(tiny_data["runs"]["dense"])]
@@ -197,6 +197,48 @@ def test_a_fused_run_scores_only_the_data_sets_that_have_it(tiny_data):
     assert any(not np.allclose(a, b) for a, b in zip(both, fusion.score(without)))   # dense counts for "tiny"
     with pytest.raises(InputError, match="no run for data set 'extra'"):
         teacher_from_spec({"run": "dense"}, runs_by_source).score(without)
+
+
+def test_a_data_set_with_its_own_teacher_is_scored_by_it(tiny_data):
+    """``data[i].teacher`` replaces the recipe's teacher for that data set's lists only (the offline recipe
+    gives pseudo-queries, which no SPLADE run covers, a SPLADE-tiny fusion)."""
+    d = tiny_data["dir"]
+    section = tiny_section(tiny_data, cache=str(d / "c-own"))
+    section["data"].append({**section["data"][0], "name": "other", "held_out": 0, "teacher": {"run": "bm25"}})
+    messages = []
+    train_groups, _ = Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
+    runs_by_source = {name: {run: Path(path) for run, path in tiny_data["runs"].items()} for name in ("tiny", "other")}
+    fusion = teacher_from_spec(section["teacher"], runs_by_source)
+    for source, teacher in (("tiny", fusion), ("other", RunTeacher({"other": tiny_data["runs"]["bm25"]}))):
+        groups = [group for group in train_groups if group.source == source]
+        assert groups and all(np.allclose(group.teacher, expected)
+                              for group, expected in zip(groups, teacher.score(groups)))
+    assert sum(message.startswith("teacher scores") for message in messages) == 2
+    section["teacher"] = None
+    with pytest.raises(InputError, match="data set 'tiny' has no teacher"):
+        Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
+
+
+def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
+    """SPLADE-tiny (real weights): each candidate's score is the dot product of the query's and the passage's
+    term weights, as sentence-transformers computes it pair by pair."""
+    from sentence_transformers import SparseEncoder
+
+    from rankshrink.data import read_run, read_topics
+
+    path = shared_path("models", "splade-tiny-msmarco")
+    topics, collection = read_topics(tiny_data["dir"] / "topics.tsv"), Collection(tiny_data["dir"] / "passages.jsonl")
+    groups = build_groups(topics, [read_run(tiny_data["runs"]["bm25"])], collection, source="tiny")
+    teacher = teacher_from_spec({"sparse-encoder": str(path), "max_length": 64})
+    assert teacher.identity()["kind"] == "sparse-encoder" and "weights_sha256" in teacher.identity()
+    scores = teacher.score(groups)
+    model = SparseEncoder(str(path), device="cpu")
+    for group, got in zip(groups, scores):
+        expected = model.similarity(model.encode_query([group.query], convert_to_tensor=True),
+                                    model.encode_document(group.texts, convert_to_tensor=True))[0]
+        assert got.dtype == np.float32 and got == pytest.approx(expected.numpy(), rel=1e-4, abs=1e-4)
+    sky = [group.qid for group in groups].index("q1")
+    assert groups[sky].docids[int(np.argmax(scores[sky]))] == "p1"   # "why is the sky blue": "the sky is blue ..."
 
 
 @pytest.mark.parametrize("change, message", [
@@ -406,6 +448,7 @@ def test_pseudo_query_recipe_errors_name_the_key(tiny_data, pool_change, message
     ({"search": {"index": "x", "k": 1}}, "search.k: at least 2"),
     ({"search": {"index": "x", "name": "dense"}}, "search.name 'dense' is also a run's name"),
     ({"search": {"idx": "x"}}, r"search: unknown key\(s\) \['idx'\]"),
+    ({"teacher": "bm25"}, r"data\[0\].teacher: expected a mapping"),
 ])
 def test_data_set_errors_name_the_key(tiny_data, data_change, message):
     section = tiny_section(tiny_data)

@@ -87,13 +87,26 @@ class Trainer:
                 self.log(f"losses.teacher_kl is 0: {unlabelled} training queries without labels left out")
             if not train:
                 raise ValueError("losses.teacher_kl is 0 and no training query has labels (qrels)")
-        elif self.spec.teacher:
-            teacher = teacher_from_spec(self.spec.teacher, run_files)
-            self.log(f"teacher scores for {len(train)} training queries ({teacher.identity()['kind']})")
-            score_groups(teacher, train, self.cache / "teacher")
+        elif self.spec.teacher or any(data.teacher for data in self.spec.data):
+            self._score_with_teachers(train, run_files)
         elif self.spec.losses.teacher_kl:
             raise ValueError("losses.teacher_kl is set but the recipe has no teacher")
         return train, held_out
+
+    def _score_with_teachers(self, train: list[TrainingGroup], run_files: dict[str, dict[str, Path]]) -> None:
+        """Each data set's lists are scored by its own teacher (``data.teacher``) or else the recipe's."""
+        teacher_of = {data.name: data.teacher or self.spec.teacher for data in self.spec.data}
+        by_teacher: dict[str, tuple[dict, list[TrainingGroup]]] = {}
+        for group in train:
+            spec = teacher_of[group.source]
+            if spec is None:
+                raise InputError(f"data set {group.source!r} has no teacher: give train.teacher or its own teacher")
+            by_teacher.setdefault(json_digest(spec), (spec, []))[1].append(group)
+        for spec, groups in by_teacher.values():
+            teacher = teacher_from_spec(spec, run_files)
+            sources = ", ".join(dict.fromkeys(group.source for group in groups))
+            self.log(f"teacher scores for {len(groups)} training queries of {sources} ({teacher.identity()['kind']})")
+            score_groups(teacher, groups, self.cache / "teacher")
 
     def _pseudo_topics(self, data, collection, exclude: set[str]) -> dict[str, str]:
         spec = data.pseudo_queries
@@ -172,6 +185,7 @@ class Trainer:
             self._write_checkpoint(model, {"done": sorted(done), "summary": summary})
         model.metadata["training"] = {
             "base": self.spec.base, "teacher": self.spec.teacher, "recipe_fingerprint": self.fingerprint,
+            "data_set_teachers": {data.name: data.teacher for data in self.spec.data if data.teacher},
             "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth")},
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
             "train_queries": len(train), "held_out_queries": len(held_out),

@@ -24,7 +24,8 @@
           collection: ../shared/trec-dl/dl22/passages.jsonl  # passages (train/pseudo.py), BM25 candidates
           pseudo_queries: {count: 400, min_words: 3, max_words: 8}
           search: {k: 24}                                  # no index: the collection is indexed into the cache
-      teacher:                                   # cross-encoder | bi-encoder | run | fusion (see teacher.py)
+          teacher: {sparse-encoder: ../shared/models/splade-tiny-msmarco}   # optional: this data set's own
+      teacher:                                   # cross-encoder | bi-encoder | sparse-encoder | run | fusion
         fusion:
           - {bi-encoder: ../shared/models/all-MiniLM-L6-v2, weight: 1.0}
           - {run: splade-pp-ed, weight: 1.0}
@@ -64,6 +65,7 @@ class DataSpec:
     candidates: int | None = None   # keep only the first N candidates of each query (smoke runs)
     search: SearchSpec | None = None   # candidates from a BM25 search instead of (or besides) run files
     pseudo_queries: PseudoQuerySpec | None = None   # queries cut from the collection's passages (pseudo.py)
+    teacher: dict[str, Any] | None = None   # this data set's teacher, instead of the recipe's
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,9 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
                     "pseudo_queries": _pseudo_spec(item, f"{where}.data[{i}]")}
         if not item.get("runs") and not item.get("search"):
             raise InputError(f"{where}.data[{i}]: give runs (candidate run files) or search (a BM25 index)")
+        if item.get("teacher") is not None and not isinstance(item["teacher"], Mapping):
+            raise InputError(f"{where}.data[{i}].teacher: expected a mapping such as {{bi-encoder: PATH}}, "
+                             f"got {item['teacher']!r}")
         search = item.get("search")
         if search is not None:
             search = _build(SearchSpec, search, f"{where}.data[{i}].search")

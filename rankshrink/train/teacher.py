@@ -4,6 +4,8 @@
   ``cross-encoder/ms-marco-MiniLM-L-12-v2`` when online, or a local directory), through
   sentence-transformers' ``CrossEncoder``; raw logits, no sigmoid.
 - ``BiEncoderTeacher``: a sentence-transformers bi-encoder; cosine similarity times ``scale``.
+- ``SparseEncoderTeacher``: a learned sparse encoder (SPLADE) through sentence-transformers' ``SparseEncoder``;
+  the dot product of query and passage term weights — a first-stage model that scores lists no run covers.
 - ``RunTeacher``: the scores of a first-stage run (e.g. SPLADE) for each data set; candidates the run
   lacks get the run's lowest score for that query minus a margin.
 - ``FusionTeacher``: a weighted sum of other teachers' scores, each z-normalised within the query — how
@@ -101,6 +103,38 @@ class BiEncoderTeacher(Teacher):
                 for i, group in enumerate(groups)]
 
 
+class SparseEncoderTeacher(Teacher):
+    def __init__(self, model: str, max_length: int = 256, batch_size: int = 32):
+        self.model_name, self.max_length, self.batch_size = model, max_length, batch_size
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "sparse-encoder", "max_length": self.max_length, **model_fingerprint(self.model_name)}
+
+    def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
+        from sentence_transformers import SparseEncoder
+
+        model = SparseEncoder(self.model_name, device="cpu")
+        model.max_seq_length = self.max_length
+        texts = list(dict.fromkeys(text for group in groups for text in group.texts))
+        position = {text: i for i, text in enumerate(texts)}
+        passages = _csr(model.encode_document(texts, batch_size=self.batch_size, show_progress_bar=True,
+                                              convert_to_sparse_tensor=True))
+        queries = _csr(model.encode_query([group.query for group in groups], batch_size=self.batch_size,
+                                          convert_to_sparse_tensor=True))
+        return [np.asarray((passages[[position[text] for text in group.texts]] @ queries[i].T).toarray(),
+                           dtype=np.float32).reshape(-1)
+                for i, group in enumerate(groups)]
+
+
+def _csr(vectors):
+    """A torch sparse (COO) batch of term weights as a SciPy CSR matrix: rows can be picked and multiplied."""
+    from scipy.sparse import csr_matrix
+
+    vectors = vectors.coalesce()
+    rows, columns = vectors.indices().numpy()
+    return csr_matrix((vectors.values().float().numpy(), (rows, columns)), shape=tuple(vectors.shape))
+
+
 class RunTeacher(Teacher):
     """``runs`` maps a group's ``source`` (data set name) to the run file that scores its candidates.
     ``partial``: a data set without a run scores 0 for every candidate (no opinion; in a fusion the other parts
@@ -180,7 +214,7 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
     """Build a teacher from its recipe entry:
 
     ``{"cross-encoder": NAME_OR_PATH, "max_length": 256}``, ``{"bi-encoder": NAME_OR_PATH, "scale": 20}``,
-    ``{"run": RUN_NAME}`` (that run of each training data set: ``runs_by_source[source][RUN_NAME]``), or
+    ``{"sparse-encoder": NAME_OR_PATH, "max_length": 256}`` (SPLADE), ``{"run": RUN_NAME}`` (that run of each training data set: ``runs_by_source[source][RUN_NAME]``), or
     ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``; in a fusion, a run part
     scores only the data sets that have that run (the others' lists are fused from the remaining parts).
     """
@@ -189,15 +223,20 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
 
 def _teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None,
                        in_fusion: bool) -> Teacher:
-    kinds = [key for key in ("cross-encoder", "bi-encoder", "run", "fusion") if key in spec]
+    if not isinstance(spec, Mapping):
+        raise InputError(f"teacher {spec!r}: expected a mapping such as {{bi-encoder: PATH}}")
+    kinds = [key for key in ("cross-encoder", "bi-encoder", "sparse-encoder", "run", "fusion") if key in spec]
     if len(kinds) != 1:
-        raise InputError(f"teacher {dict(spec)}: expected exactly one of cross-encoder, bi-encoder, run, fusion")
+        raise InputError(f"teacher {dict(spec)}: expected exactly one of cross-encoder, bi-encoder, sparse-encoder, "
+                         "run, fusion")
     kind = kinds[0]
     if kind == "cross-encoder":
         return CrossEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)))
     if kind == "bi-encoder":
         return BiEncoderTeacher(str(spec[kind]), float(spec.get("scale", 20.0)), int(spec.get("batch_size", 64)),
                                 spec.get("max_length"))
+    if kind == "sparse-encoder":
+        return SparseEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)))
     if kind == "run":
         name = str(spec[kind])
         runs_by_source = runs_by_source or {}
