@@ -248,6 +248,7 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     ({"stages": {"full": {"stepz": 3}}}, r"train.stages.full: unknown key\(s\) \['stepz'\]"),
     ({"dtype": "fp16"}, "expected bf16 or fp32"),
     ({"losses": {"reference": "teacher"}}, "train.losses.reference must be frozen or inplace"),
+    ({"stages": {"full": {"average": 1.0}}}, r"train.stages.full.average: a decay in \[0, 1\)"),
 ])
 def test_recipe_errors_name_the_key(tiny_data, change, message):
     section = tiny_section(tiny_data)
@@ -284,6 +285,56 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     assert all(torch.equal(first[name], second[name]) for name in first)
     base = load_model(tiny_data["base"]).state_dict()
     assert not torch.equal(first["layers.0.ffn.up.bias"], base["layers.0.ffn.up.bias"])
+
+
+def test_a_weight_average_is_what_the_full_stage_keeps_and_it_resumes(tiny_data, monkeypatch):
+    d = tiny_data["dir"]
+    stages = {"full": {"steps": 4, "lr": 1e-3, "eval_every": 2, "average": 0.5}, "rewire": {"enabled": False},
+              "width": {"steps": 0}, "depth": {"steps": 0}}
+    averaged = train(tiny_section(tiny_data, stages=stages, output=str(d / "avg"), cache=str(d / "c-avg")))
+    plain_stages = {**stages, "full": {**stages["full"], "average": 0.0}}
+    plain = train(tiny_section(tiny_data, stages=plain_stages, output=str(d / "plain"), cache=str(d / "c-plain")))
+    assert any(not torch.equal(averaged[name], plain[name]) for name in averaged)
+    records = [json.loads(line) for line in (d / "c-avg" / "logs" / "full.jsonl").read_text().splitlines()]
+    evaluated = [record for record in records if "held_out_ndcg@10" in record]
+    assert [record["step"] for record in evaluated] == [2, 4]
+    assert all("held_out_ndcg@10_unaveraged" in record for record in evaluated)
+
+    real_step, calls = Trainer._step_losses, {"n": 0}
+
+    def interrupting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:   # after the checkpoint at step 2: the average must come back with it
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    section = tiny_section(tiny_data, stages=stages, output=str(d / "avg-resumed"), cache=str(d / "c-avg-resumed"))
+    monkeypatch.setattr(Trainer, "_step_losses", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(section)
+    monkeypatch.setattr(Trainer, "_step_losses", real_step)
+    resumed = train(section)
+    assert all(torch.equal(averaged[name], resumed[name]) for name in averaged)
+
+
+def test_weight_average_follows_the_weights_with_a_short_memory_at_first():
+    from rankshrink.train.averaging import WeightAverage
+
+    weight = torch.nn.Parameter(torch.zeros(2))
+    average = WeightAverage([weight], decay=0.9)
+    expected = torch.zeros(2)
+    for update in range(1, 40):
+        with torch.no_grad():
+            weight.add_(1.0)
+        average.update()
+        decay = min(0.9, (1 + update) / (10 + update))
+        expected = decay * expected + (1 - decay) * weight.detach()
+    assert torch.allclose(average.average[0], expected)
+    with average.applied():
+        assert torch.equal(weight.detach(), average.average[0])
+    assert torch.equal(weight.detach(), torch.full((2,), 39.0))
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage([weight], decay=1.0)
 
 
 def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch):

@@ -32,6 +32,7 @@ from ..data import atomic_write, json_digest, open_collection, read_qrels, read_
 from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
+from .averaging import WeightAverage
 from .groups import TrainingGroup, build_groups, sample_list, split_queries
 from .pseudo import pseudo_queries
 from .losses import hidden_mse, listwise_ce, listwise_kl
@@ -241,9 +242,12 @@ class Trainer:
         rng = random.Random(f"{spec.seed}-{stage}")
         torch.manual_seed(rng.randrange(2**31))  # dropout: the same whether or not earlier stages ran in this process
         start_step, best, order = 0, None, []
+        average = WeightAverage(trainable, stage_spec.average) if stage_spec.average else None
         if resume:
             start_step = resume["step"]
             _load_optimizer(optimizer, schedule, self.checkpoint_dir)
+            if average is not None:
+                average.load(self.checkpoint_dir / "average.safetensors")
             rng.setstate(_tuples(resume["rng"]))
             torch.set_rng_state(_load_torch_rng(self.checkpoint_dir))
             best = resume.get("best")
@@ -274,6 +278,8 @@ class Trainer:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             loss_value = float(loss.detach())
             record = {"step": step + 1, "loss": loss_value,
                       **{k: round(float(torch.as_tensor(v).detach()), 5) for k, v in parts.items()},
@@ -281,19 +287,26 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}")
             done_steps = step + 1
             if stage == "full" and held_out and stage_spec.eval_every and done_steps % stage_spec.eval_every == 0:
-                record["held_out_ndcg@10"] = self.dev_scores(model, held_out, configs=((1.0, 1.0),))["1.0x1.0"]
-                if best is None or record["held_out_ndcg@10"] > best["ndcg"]:
-                    best = {"ndcg": record["held_out_ndcg@10"], "step": done_steps}
-                    save_model(model, self.checkpoint_dir / "best")
+                if average is not None:   # for comparison; the average is what is kept
+                    record["held_out_ndcg@10_unaveraged"] = self._full_dev_score(model, held_out)
+                with average.applied() if average is not None else nullcontext():
+                    record["held_out_ndcg@10"] = self._full_dev_score(model, held_out)
+                    if best is None or record["held_out_ndcg@10"] > best["ndcg"]:
+                        best = {"ndcg": record["held_out_ndcg@10"], "step": done_steps}
+                        save_model(model, self.checkpoint_dir / "best")
                 model.train()
             with open(log_file, "a") as out:
                 out.write(json.dumps(record) + "\n")
             if done_steps % spec.checkpoint_every == 0 and done_steps < stage_spec.steps:
+                if average is not None:
+                    average.save(self.checkpoint_dir / "average.safetensors")
                 self._write_checkpoint(model, {"done": sorted(self.done), "summary": summary,
                                                "stage": stage, "step": done_steps, "rng": rng.getstate(),
                                                "order": order, "best": best}, optimizer, schedule)
+        if average is not None:
+            average.copy_to_model()
         if best is not None:
-            final = self.dev_scores(model, held_out, configs=((1.0, 1.0),))["1.0x1.0"]
+            final = self._full_dev_score(model, held_out)
             if best["ndcg"] > final:
                 self.log(f"{stage}: keeping step {best['step']} (held-out nDCG@10 {best['ndcg']:.4f} > {final:.4f} "
                          f"at the end)")
@@ -369,6 +382,9 @@ class Trainer:
                               max_length=self.spec.max_length)
 
     # -- evaluation on held-out queries ---------------------------------------------------------
+
+    def _full_dev_score(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup]) -> float:
+        return self.dev_scores(model, groups, configs=((1.0, 1.0),))["1.0x1.0"]
 
     def dev_scores(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup],
                    configs: Sequence[tuple[float, float]] = DEV_CONFIGS) -> dict[str, float]:

@@ -96,6 +96,8 @@ class StageSpec:
     warmup: float = 0.1             # fraction of the steps with a linear warm-up
     eval_every: int = 0             # evaluate on the held-out queries every N steps (0: at the end only)
     configs: int = 4                # sub-networks per step in width / depth stages (full + smallest + random)
+    average: float = 0.0            # decay of an exponential moving average of the weights (0: none); the
+                                    # average is what is evaluated, kept and passed on (train/averaging.py)
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,10 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
     for name in ("full", "width", "depth"):
         if name in stages:
             section[name] = _build(StageSpec, stages[name] or {}, f"{where}.stages.{name}")
+            average = section[name].average
+            if isinstance(average, bool) or not isinstance(average, (int, float)) or not 0.0 <= average < 1.0:
+                raise InputError(f"{where}.stages.{name}.average: a decay in [0, 1) (0: no average), "
+                                 f"got {section[name].average!r}")
     if "rewire" in stages:
         rewire = stages["rewire"] or {}
         section["rewire"] = bool(rewire.get("enabled", True))
