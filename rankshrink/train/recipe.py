@@ -35,7 +35,8 @@
       losses: {teacher_kl: 1.0, temperature: 1.0, labels_ce: 1.0, label_temperature: 0.5,
                hidden_mse: 1.0, inplace_kl: 1.0, exit_kl: 1.0}
       stages:
-        full:   {steps: 1200, lr: 1.0e-4, eval_every: 200}   # the full network learns from teacher + labels
+        full:   {steps: 1200, lr: 1.0e-4, eval_every: 200,   # the full network learns from teacher + labels
+                 average: 0.998}                             # optional: keep an average of the weights
         rewire: {lists: 64}                                  # importance over this many lists
         width:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 1: widths, distilled from full
         depth:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 2: widths x depths, + exit heads
