@@ -214,7 +214,8 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
     """Build a teacher from its recipe entry:
 
     ``{"cross-encoder": NAME_OR_PATH, "max_length": 256}``, ``{"bi-encoder": NAME_OR_PATH, "scale": 20}``,
-    ``{"sparse-encoder": NAME_OR_PATH, "max_length": 256}`` (SPLADE), ``{"run": RUN_NAME}`` (that run of each training data set: ``runs_by_source[source][RUN_NAME]``), or
+    ``{"sparse-encoder": NAME_OR_PATH, "max_length": 256}`` (SPLADE), ``{"run": RUN_NAME}`` (that run of each
+    training data set: ``runs_by_source[source][RUN_NAME]``), or
     ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``; in a fusion, a run part
     scores only the data sets that have that run (the others' lists are fused from the remaining parts).
     """
