@@ -93,14 +93,13 @@ class BiEncoderTeacher(Teacher):
         model = SentenceTransformer(self.model_name, device="cpu")
         if self.max_length:
             model.max_seq_length = self.max_length
-        texts = list(dict.fromkeys(text for group in groups for text in group.texts))
-        position = {text: i for i, text in enumerate(texts)}
+        texts, rows = _distinct_texts(groups)
         passages = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                 show_progress_bar=True, convert_to_numpy=True)
         queries = model.encode([group.query for group in groups], batch_size=self.batch_size,
                                normalize_embeddings=True, convert_to_numpy=True)
-        return [self.scale * (passages[[position[text] for text in group.texts]] @ queries[i]).astype(np.float32)
-                for i, group in enumerate(groups)]
+        return [self.scale * (passages[group_rows] @ queries[i]).astype(np.float32)
+                for i, group_rows in enumerate(rows)]
 
 
 class SparseEncoderTeacher(Teacher):
@@ -115,15 +114,20 @@ class SparseEncoderTeacher(Teacher):
 
         model = SparseEncoder(self.model_name, device="cpu")
         model.max_seq_length = self.max_length
-        texts = list(dict.fromkeys(text for group in groups for text in group.texts))
-        position = {text: i for i, text in enumerate(texts)}
+        texts, rows = _distinct_texts(groups)
         passages = _csr(model.encode_document(texts, batch_size=self.batch_size, show_progress_bar=True,
                                               convert_to_sparse_tensor=True))
         queries = _csr(model.encode_query([group.query for group in groups], batch_size=self.batch_size,
                                           convert_to_sparse_tensor=True))
-        return [np.asarray((passages[[position[text] for text in group.texts]] @ queries[i].T).toarray(),
-                           dtype=np.float32).reshape(-1)
-                for i, group in enumerate(groups)]
+        return [np.asarray((passages[group_rows] @ queries[i].T).toarray(), dtype=np.float32).reshape(-1)
+                for i, group_rows in enumerate(rows)]
+
+
+def _distinct_texts(groups: Sequence[TrainingGroup]) -> tuple[list[str], list[list[int]]]:
+    """Each passage text once (a passage in several lists is encoded once), and each group's rows among them."""
+    texts = list(dict.fromkeys(text for group in groups for text in group.texts))
+    position = {text: i for i, text in enumerate(texts)}
+    return texts, [[position[text] for text in group.texts] for group in groups]
 
 
 def _csr(vectors):
