@@ -287,6 +287,16 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     assert not torch.equal(first["layers.0.ffn.up.bias"], base["layers.0.ffn.up.bias"])
 
 
+def test_how_often_the_held_out_queries_are_scored_does_not_change_the_model(tiny_data):
+    d = tiny_data["dir"]
+    stages = {"full": {"steps": 4, "lr": 1e-3, "eval_every": 1}, "rewire": {"enabled": False},
+              "width": {"steps": 0}, "depth": {"steps": 0}}
+    often = train(tiny_section(tiny_data, stages=stages, output=str(d / "often"), cache=str(d / "c-often")))
+    stages["full"]["eval_every"] = 4
+    rarely = train(tiny_section(tiny_data, stages=stages, output=str(d / "rarely"), cache=str(d / "c-rarely")))
+    assert all(torch.equal(often[name], rarely[name]) for name in often)
+
+
 def test_a_weight_average_is_what_the_full_stage_keeps_and_it_resumes(tiny_data, monkeypatch):
     d = tiny_data["dir"]
     stages = {"full": {"steps": 4, "lr": 1e-3, "eval_every": 2, "average": 0.5}, "rewire": {"enabled": False},

@@ -600,7 +600,7 @@ class DynamicCrossEncoder(nn.Module):
         exit_layers = tuple(new for new, old in enumerate(layers[:-1]) if str(old) in self.exits)
         config = replace(self.config, num_layers=len(layers), num_heads=heads, intermediate_size=neurons,
                          exit_layers=exit_layers, widths=(1.0,), depths=(1.0,))
-        small = DynamicCrossEncoder(config, tokenizer=self.tokenizer)
+        small = DynamicCrossEncoder.blank(config, tokenizer=self.tokenizer)
         parameter = next(self.parameters())
         small.to(device=parameter.device, dtype=parameter.dtype)
         inner = heads * size
@@ -706,6 +706,14 @@ class DynamicCrossEncoder(nn.Module):
         for exit_head in self.exits.values():
             exit_head.load_state_dict(self.head.state_dict())
 
+    @classmethod
+    def blank(cls, config: ModelConfig, tokenizer=None) -> "DynamicCrossEncoder":
+        """A model whose every weight is about to be overwritten, built without drawing from torch's random
+        generator: cloning or loading a model in the middle of training (to evaluate it, to distill from it)
+        leaves the dropout masks that follow as they were."""
+        with torch.random.fork_rng(devices=[]):
+            return cls(config, tokenizer=tokenizer)
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"layers={c.num_layers}, hidden={c.hidden_size}, heads={c.num_heads}x{c.head_size}, "
@@ -713,7 +721,7 @@ class DynamicCrossEncoder(nn.Module):
 
     def clone(self) -> "DynamicCrossEncoder":
         """A deep copy (weights, tokenizer reference, metadata, rewiring)."""
-        twin = DynamicCrossEncoder(self.config, tokenizer=self.tokenizer)
+        twin = DynamicCrossEncoder.blank(self.config, tokenizer=self.tokenizer)
         parameter = next(self.parameters())
         twin.to(device=parameter.device, dtype=parameter.dtype)
         twin.load_state_dict(self.state_dict())

@@ -182,7 +182,7 @@ def _load_rankshrink_dir(directory: Path) -> DynamicCrossEncoder:
     hf_config = _read_json(directory / HF_CONFIG)
     config = _config_from(hf_config, directory / HF_CONFIG, exit_layers=tuple(manifest["exit_layers"]),
                           widths=tuple(manifest["widths"]), depths=tuple(manifest["depths"]))
-    model = DynamicCrossEncoder(config, tokenizer=_load_tokenizer(directory, required=True))
+    model = DynamicCrossEncoder.blank(config, tokenizer=_load_tokenizer(directory, required=True))
     tensors, source = _read_backbone(directory)
     model.load_hf_weights(tensors, source)
     if config.exit_layers:
