@@ -16,7 +16,7 @@ from rankshrink.data import trec_order
 from rankshrink.errors import InputError
 from rankshrink.model import save_model
 from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
-from rankshrink.rerank.budget import pareto_frontier
+from rankshrink.rerank.budget import does_at_least, nested_ladder, pareto_frontier
 from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
 from rankshrink.rerank.profiling import profile, save_profile, simulate
 from test_engine import candidates_and_texts, with_margins
@@ -107,6 +107,34 @@ def test_pareto_frontier_keeps_what_nothing_beats():
     assert [(p.ms_p95, p.ndcg) for p in pareto_frontier(points)] == [(10, 0.5), (25, 0.6)]
 
 
+def rung(ms: float, ndcg: float, width: float, candidates: int, risk: float | None = None) -> FrontierPoint:
+    return FrontierPoint(RerankConfig(width=width, candidates=candidates, exit_risk=risk), ndcg, ms, ms)
+
+
+def test_the_ladder_climbs_only_by_adding_work_and_covers_the_most_budgets():
+    a, b, c, d = rung(10, 0.50, 0.5, 20), rung(20, 0.55, 1.0, 20), rung(30, 0.56, 0.5, 50), rung(40, 0.58, 1.0, 50)
+    assert pareto_frontier([a, b, c, d]) == [a, b, c, d]
+    # c is narrower than b: after b it is not a rung. a, c, d also nests but buys less below 30 ms.
+    assert nested_ladder([d, c, b, a]) == [a, b, d]
+    assert nested_ladder([a, c, d]) == [a, c, d]
+    assert nested_ladder([a, b, d], min_gain=0.06) == [a, d]
+    # exits on after exits off is less work, not more; a ladder may start with exits and switch them off
+    exits_then_off = [rung(10, 0.50, 0.5, 20, 0.1), rung(20, 0.55, 0.5, 20), rung(30, 0.56, 1.0, 20, 0.1)]
+    assert nested_ladder(exits_then_off) == exits_then_off[:2]
+    assert does_at_least(exits_then_off[1].config, exits_then_off[0].config)
+    assert not does_at_least(exits_then_off[2].config, exits_then_off[1].config)
+    assert nested_ladder([]) == []
+
+
+def test_the_controller_climbs_the_ladder_when_the_profile_has_one():
+    a, b, c, d = rung(10, 0.50, 0.5, 20), rung(20, 0.55, 1.0, 20), rung(30, 0.56, 0.5, 50), rung(40, 0.58, 1.0, 50)
+    profile = {"frontier": [p.to_dict() for p in (a, b, c, d)], "ladder": [p.to_dict() for p in (a, b, d)]}
+    assert Controller.from_profile(profile).choose(35, candidates=100) == b
+    assert "ladder" not in Controller.from_profile(profile).info
+    del profile["ladder"]                                # a profile made before ladders: the frontier
+    assert Controller.from_profile(profile).choose(35, candidates=100) == c
+
+
 def test_controller_picks_the_best_point_that_fits_and_the_cheapest_when_none_does():
     controller = Controller([point(10, 0.5), point(50, 0.6), point(200, 0.7)])
     assert controller.choose(100, candidates=100).ndcg == 0.6
@@ -170,10 +198,12 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     result = profile(model, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[0.5, 1.0],
                      max_lengths=[16, 48], candidates=[10, 30], exit_risks=[None, 0.1], dtype="fp32",
                      time_queries=2, top_k=3, progress=False)
-    frontier = result.profile["frontier"]
+    frontier, ladder = result.profile["frontier"], result.profile["ladder"]
     assert frontier and [p["ms_p95"] for p in frontier] == sorted(p["ms_p95"] for p in frontier)
     assert [p["ndcg@10"] for p in frontier] == sorted(p["ndcg@10"] for p in frontier)
-    assert all(p.get("measured_ms_p50") is not None for p in frontier[:1])
+    assert all(p.get("measured_ms_p50") is not None for p in frontier[:1] + ladder[:1])
+    rungs = [RerankConfig.from_dict(p) for p in ladder]
+    assert rungs and all(does_at_least(upper, lower) for lower, upper in zip(rungs, rungs[1:]))
     assert len(result.points) == 2 ** 5                # every (width, depth, length, candidates, risk)
     assert {(e["width"], e["depth"], e["max_length"]) for e in result.calibration["entries"]} == \
         {(w, d, n) for w in (0.5, 1.0) for d in (0.5, 1.0) for n in (16, 48)}
@@ -186,17 +216,17 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     reranker = Reranker(reloaded, max_length=48, dtype="fp32")
     assert reranker.controller is not None
     candidates, texts = candidates_and_texts(30)
-    cheapest = Controller.from_profile(result.profile).frontier[0]
+    cheapest = Controller.from_profile(result.profile).rungs[0]
     small = reranker.rerank("cat", candidates, texts, budget_ms=cheapest.ms_p95 / 100)
     large = reranker.rerank("cat", candidates, texts, budget_ms=600_000)
     assert small.stats.config["width"] == cheapest.config.width and small.stats.budget_ms > 0
-    best = frontier[-1]
+    best = ladder[-1]
     assert [large.stats.config[k] for k in ("width", "depth", "candidates")] == \
         [best["width"], best["depth"], best["candidates"]]
     assert not large.stats.deadline_hit and large.stats.predicted_ms is not None
 
     # the configuration fits (1 - headroom) of the budget, the deadline the whole budget
-    points = Controller.from_profile(result.profile).frontier
+    points = Controller.from_profile(result.profile).rungs
     if len(points) > 1:   # (always, with this seed)
         tight = points[-1].predicted_p95(30) * 1.2
         planned = {headroom: Reranker(reloaded, max_length=48, dtype="fp32", headroom=headroom)

@@ -17,9 +17,9 @@ def register(subparsers) -> None:
         "profile", help="calibrate early exits and measure the latency-nDCG frontier on dev data; store it with the model",
         description="Trace every (width, depth, max length) of the model on the dev queries, calibrate the exit "
                     "margins, simulate every number of candidates and exit risk, fit a cost model to the timings, "
-                    "time the Pareto frontier for real, and store calibration and frontier in the model's "
-                    "rankshrink.json (budgets then work: rankshrink rerank --budget-ms). Use dev data (TREC DL 2021), "
-                    "never the test set.")
+                    "time the Pareto frontier and the budget ladder for real, and store calibration, frontier "
+                    "and ladder in the model's rankshrink.json (budgets then work: rankshrink rerank --budget-ms). "
+                    "Use dev data (TREC DL 2021), never the test set.")
     parser.add_argument("--model", required=True, help="rankshrink model directory (updated in place unless --output)")
     parser.add_argument("--run", required=True, help="dev first-stage TREC run, e.g. dl21 BM25 top-100")
     parser.add_argument("--topics", required=True, help="dev topics")
@@ -90,11 +90,13 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"profile": result.profile, "points": result.points}, out, indent=1)
             out.write("\n")
     print(frontier_table(result.profile))
+    print("\nladder (what budgets climb):\n" + frontier_table(result.profile, "ladder"))
     reference = result.profile.get("reference")
     if reference:
         print(f"\nfull network (width {reference['width']:g}, depth {reference['depth']:g}, "
               f"{reference['candidates']} candidates, no exits): dev nDCG@10 {reference['ndcg@10']:.4f}, "
               f"predicted {reference['ms_p50']:.0f} ms median per query")
     print(f"default exit risk: {result.calibration['default_risk']}; "
-          f"{len(result.profile['frontier'])} frontier configurations -> {where}")
+          f"{len(result.profile['frontier'])} frontier configurations, {len(result.profile['ladder'])} on the "
+          f"ladder -> {where}")
     return 0

@@ -1,10 +1,11 @@
-"""Latency budgets: a configuration, a cost model, the profile's Pareto frontier, and the controller.
+"""Latency budgets: a configuration, a cost model, the profile's Pareto frontier and ladder, and the controller.
 
 A **configuration** fixes every knob of one rerank: width, depth, max length, how many first-stage candidates
 to rerank, and the exit risk (None: no early exit). ``rankshrink profile`` (``profiling.py``) measures on this
 machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
-configurations no other beats on both. The **controller** picks, for a budget, the frontier configuration
-with the best dev nDCG whose predicted 95th-percentile latency fits ``(1 - headroom)`` of the budget; the
+configurations no other beats on both, and the **ladder**: configurations each doing at least as much of
+every knob as the one below it, so that a bigger budget only adds work (``nested_ladder``). The **controller** picks, for a budget, the
+rung with the best dev nDCG whose predicted 95th-percentile latency fits ``(1 - headroom)`` of the budget; the
 engine's deadline, at the whole budget, covers the queries where the prediction is wrong. The headroom is
 what keeps the deadline from cutting: a cut rerank ranks its remaining documents by stale exit scores,
 which can rank worse than a smaller configuration run to the end.
@@ -185,9 +186,56 @@ def pareto_frontier(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> l
     return frontier
 
 
+def does_at_least(upper: RerankConfig, lower: RerankConfig) -> bool:
+    """Whether ``upper`` does at least as much of every knob as ``lower``: width, depth, max length and
+    candidates no smaller, exit risk no larger (exits off is a risk of 0)."""
+    def risk(config: RerankConfig) -> float:
+        return 0.0 if config.exit_risk is None else config.exit_risk
+
+    return (upper.width >= lower.width and upper.depth >= lower.depth and upper.max_length >= lower.max_length
+            and upper.candidates >= lower.candidates and risk(upper) <= risk(lower))
+
+
+def nested_ladder(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> list[FrontierPoint]:
+    """The configurations a growing budget climbs, cheapest first: each does at least as much of every knob as
+    the one below it (``does_at_least``) and beats it on dev nDCG@10 by more than ``min_gain``. Of all such
+    ladders, the one whose dev nDCG@10, as a step function of the log of the budget from the cheapest point's
+    cost to twice the dearest's, covers the most area (budgets below its first rung count as 0).
+
+    Why not the Pareto frontier: its neighbours can differ in every knob (K20 at width 1, then K50 at width
+    0.75 and 128 tokens), and on a few dev queries their order is noise, so on other queries a bigger budget
+    can rank worse. A rung that only adds work keeps what the rung below it found."""
+    ordered = sorted(points, key=lambda p: (p.ms_p95, -p.ndcg))
+    if not ordered:
+        return []
+    log_cost = [math.log(max(point.ms_p95, 1e-3)) for point in ordered]
+    log_top = log_cost[-1] + math.log(2)     # so that the dearest rung, too, buys budgets of its own
+    area: list[float] = []                 # best area up to each point's cost, for ladders ending there
+    below: list[int | None] = []
+    for i, point in enumerate(ordered):
+        best, link = 0.0, None
+        for j in range(i):
+            lower = ordered[j]
+            if log_cost[j] < log_cost[i] and point.ndcg > lower.ndcg + min_gain \
+                    and does_at_least(point.config, lower.config):
+                value = area[j] + lower.ndcg * (log_cost[i] - log_cost[j])
+                if value > best:
+                    best, link = value, j
+        area.append(best)
+        below.append(link)
+    top = max(range(len(ordered)), key=lambda i: area[i] + ordered[i].ndcg * (log_top - log_cost[i]))
+    ladder: list[FrontierPoint] = []
+    rung: int | None = top
+    while rung is not None:
+        ladder.append(ordered[rung])
+        rung = below[rung]
+    return ladder[::-1]
+
+
 @dataclass
 class Controller:
-    """Given a budget, the frontier configuration with the best dev nDCG predicted to fit.
+    """Given a budget, the rung of the profile's ladder with the best dev nDCG predicted to fit (profiles
+    older than the ladder: the frontier point).
 
     ``load``: how much slower than at profile time the machine runs now (the engine measures it); the
     predictions are multiplied by it."""
@@ -195,27 +243,34 @@ class Controller:
     frontier: list[FrontierPoint]
     cost_model: CostModel | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    ladder: list[FrontierPoint] | None = None
+
+    @property
+    def rungs(self) -> list[FrontierPoint]:
+        """What ``choose`` climbs: the ladder, or the frontier when the profile has none."""
+        return self.ladder or self.frontier
 
     @classmethod
     def from_profile(cls, profile: Mapping[str, Any]) -> "Controller":
         try:
             frontier = [FrontierPoint.from_dict(point) for point in profile["frontier"]]
+            ladder = [FrontierPoint.from_dict(point) for point in profile.get("ladder") or []]
             cost_model = CostModel.from_dict(profile["cost_model"]) if profile.get("cost_model") else None
         except (KeyError, TypeError, ValueError) as error:
             raise InputError(f"the model's profile is malformed ({type(error).__name__}: {error}); "
                              f"run rankshrink profile again") from None
         if not frontier:
             raise InputError("the model's profile has an empty frontier; run rankshrink profile again")
-        info = {key: value for key, value in profile.items() if key not in ("frontier", "cost_model")}
-        return cls(pareto_frontier(frontier), cost_model, info)
+        info = {key: value for key, value in profile.items() if key not in ("frontier", "ladder", "cost_model")}
+        return cls(pareto_frontier(frontier), cost_model, info, pareto_frontier(ladder) or None)
 
     def choose(self, budget_ms: float, candidates: int, load: float = 1.0,
                max_candidates: int | None = None, max_length: int | None = None) -> FrontierPoint:
-        """The best point whose predicted p95 × ``load`` fits ``budget_ms`` for a query of ``candidates``
-        candidates; the cheapest point when none fits. ``max_candidates`` / ``max_length`` cap the chosen
+        """The best rung whose predicted p95 × ``load`` fits ``budget_ms`` for a query of ``candidates``
+        candidates; the cheapest rung when none fits. ``max_candidates`` / ``max_length`` cap the chosen
         configuration (the caller's limits; capping only makes it cheaper)."""
-        chosen = self.frontier[0]
-        for point in self.frontier:
+        chosen = self.rungs[0]
+        for point in self.rungs:
             if point.predicted_p95(candidates) * load <= budget_ms:
                 chosen = point
         config = chosen.config

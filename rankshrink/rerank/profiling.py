@@ -1,5 +1,5 @@
 """``rankshrink profile``: measure on this machine what every configuration costs and what nDCG@10 it buys on
-dev data, calibrate the early exits, and keep the Pareto frontier with the model.
+dev data, calibrate the early exits, and keep the Pareto frontier and the budget ladder with the model.
 
 How, without running every configuration on every query:
 
@@ -9,8 +9,9 @@ How, without running every configuration on every query:
 3. **Simulate** every number of candidates × exit risk from the traces: the engine's own exit rule and
    micro-batch packing replayed on the recorded scores give each query's ranking (→ nDCG@10 against the dev
    qrels) and the work it would do (→ latency, through the cost model fitted to step 1's timings).
-4. Keep the **frontier**, then **time it for real**: each frontier configuration reranks dev queries through
-   the engine; the cost model is refitted on all timings and the frontier recomputed.
+4. Keep the **frontier** and the **ladder** (``budget.py``), then **time them for real**: each of their
+   configurations reranks dev queries through the engine; the cost model is refitted on all timings and
+   both recomputed.
 
 Dev data must not be the test set: calibrate and profile on TREC DL 2021, quote numbers on DL 2019.
 
@@ -35,7 +36,7 @@ import torch
 
 from ..data import Qrels, Run, Topics, atomic_write, trec_order
 from ..errors import InputError
-from .budget import CostModel, FrontierPoint, RerankConfig, pareto_frontier
+from .budget import CostModel, FrontierPoint, RerankConfig, nested_ladder, pareto_frontier
 from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
 from .engine import BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, layer_gflops, pack, regroup
 
@@ -45,7 +46,7 @@ DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
 DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.3)
 # exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
 DEFAULT_RISK_TOLERANCE = 0.005
-# A dearer frontier configuration must gain more dev nDCG@10 than this over the cheaper one.
+# A dearer frontier (or ladder) configuration must gain more dev nDCG@10 than this over the cheaper one.
 FRONTIER_MIN_GAIN = 0.002
 
 
@@ -155,7 +156,8 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
 
     ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``queries``:
     profile on this many dev queries (default: all judged ones); ``time_queries``: how many of them time each
-    frontier configuration for real. Returns a ``ProfileResult``; ``save_profile`` stores it with the model."""
+    frontier and ladder configuration for real. Returns a ``ProfileResult``; ``save_profile`` stores it with
+    the model."""
     widths = sorted(set(float(w) for w in (widths or model.config.widths)))
     depths = sorted(set(float(d) for d in (depths or model.config.depths)))
     max_lengths = sorted(set(int(n) for n in max_lengths))
@@ -204,7 +206,9 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
             points[config] = replace(points[config], measured_ms_p50=_percentile(times, 50),
                                      measured_ms_p95=_percentile(times, 95))
         frontier = pareto_frontier(points.values(), FRONTIER_MIN_GAIN)
-        untimed = [point for point in frontier if point.config not in measured]
+        ladder = nested_ladder(points.values(), FRONTIER_MIN_GAIN)
+        untimed = list({point.config: point for point in frontier + ladder
+                        if point.config not in measured}.values())
         if not timing or not untimed or round_ == TIMING_ROUNDS:
             break
         measured.update(_time(reranker, timing, untimed, top_k, samples, progress))
@@ -222,6 +226,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
         "cost_model": cost_model.to_dict(),
         "reference": None if reference is None else reference.to_dict(),
         "frontier": [point.to_dict() for point in frontier],
+        "ladder": [point.to_dict() for point in ladder],
     }
     return ProfileResult(calibration, profile_data, [point.to_dict() for point in points.values()])
 
@@ -272,17 +277,18 @@ def _simulate(reranker: Reranker, dev: list[_DevQuery], traces: Mapping[tuple[fl
     return works, {config: evaluation.scores[names[config]]["ndcg@10"] for config in runs}
 
 
-def _time(reranker: Reranker, timing: list[_DevQuery], frontier: list[FrontierPoint], top_k: int,
+def _time(reranker: Reranker, timing: list[_DevQuery], points: list[FrontierPoint], top_k: int,
           samples: list[tuple[dict, float, float]], progress: bool) -> dict[RerankConfig, list[float]]:
-    """Step 4: the frontier configurations rerank dev queries for real; their timings join ``samples``."""
+    """Step 4: the frontier's and ladder's configurations rerank dev queries for real; their timings join
+    ``samples``."""
     from tqdm.auto import tqdm
 
     measured: dict[RerankConfig, list[float]] = {}
     if not timing:
         return measured
-    with tqdm(total=len(frontier) * len(timing), desc="timing", unit="query", disable=not progress,
+    with tqdm(total=len(points) * len(timing), desc="timing", unit="query", disable=not progress,
               dynamic_ncols=True) as bar:
-        for point in frontier:
+        for point in points:
             far = 10 * point.ms_p95 + 1000   # a deadline that never stops it, so heads run as in budget mode
             for query in timing:
                 result = reranker.rerank_config(query.query, query.docids, query.texts, point.config, top_k,
@@ -327,11 +333,11 @@ def save_profile(directory: str | os.PathLike, result: ProfileResult) -> Path:
     return manifest_path
 
 
-def frontier_table(profile_data: Mapping[str, Any]) -> str:
-    """The frontier as a Markdown table."""
+def frontier_table(profile_data: Mapping[str, Any], key: str = "frontier") -> str:
+    """The frontier (or, with ``key="ladder"``, the ladder) as a Markdown table."""
     lines = ["| width | depth | max length | candidates | exit risk | dev nDCG@10 | predicted ms p50 | p95 | "
              "measured ms p50 | p95 |", "| " + " | ".join(["---"] * 10) + " |"]
-    for point in profile_data["frontier"]:
+    for point in profile_data.get(key) or []:
         measured = (f"{point['measured_ms_p50']:.1f} | {point['measured_ms_p95']:.1f}"
                     if point.get("measured_ms_p50") is not None else "– | –")
         risk = "off" if point["exit_risk"] is None else f"{point['exit_risk']:g}"
