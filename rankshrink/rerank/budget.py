@@ -4,11 +4,11 @@ A **configuration** fixes every knob of one rerank: width, depth, max length, ho
 to rerank, and the exit risk (None: no early exit). ``rankshrink profile`` (``profiling.py``) measures on this
 machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
 configurations no other beats on both, and the **ladder**: configurations each doing at least as much of
-every knob as the one below it, so that a bigger budget only adds work (``nested_ladder``). The **controller** picks, for a budget, the
-rung with the best dev nDCG whose predicted 95th-percentile latency fits ``(1 - headroom)`` of the budget; the
-engine's deadline, at the whole budget, covers the queries where the prediction is wrong. The headroom is
-what keeps the deadline from cutting: a cut rerank ranks its remaining documents by stale exit scores,
-which can rank worse than a smaller configuration run to the end.
+every knob as the one below it, so that a bigger budget only adds work (``nested_ladder``). The
+**controller** picks, for a budget, the rung with the best dev nDCG whose predicted 95th-percentile latency
+fits ``(1 - headroom)`` of the budget; the engine's deadline, at the whole budget, covers the queries where
+the prediction is wrong. The headroom is what keeps the deadline from cutting: a cut rerank ranks its
+remaining documents by stale exit scores, which can rank worse than a smaller configuration run to the end.
 
 The **cost model** is linear in the work a rerank does, which the engine counts (``QueryStats.work``):
 ``ms = c_calls + c_pairs·pairs + c_tokens·tokens + c_steps·steps + c_heads·heads + c_w·GFLOPs``, with one
