@@ -45,10 +45,12 @@ def test_margins_are_quantiles_of_how_far_below_the_cut_top_k_documents_were():
     queries, finals = [], []
     for _ in range(50):
         final = rng.normal(size=40)
-        queries.append({0: final + rng.normal(scale=1.0, size=40), 2: final + rng.normal(scale=0.1, size=40)})
+        queries.append({0: final + rng.normal(scale=1.0, size=40), 2: final + rng.normal(scale=0.1, size=40),
+                        1: rng.normal(scale=0.01, size=40)})       # a head that does not rank
         finals.append(final)
     margins = calibrate_margins(queries, finals, top_k=5)
-    assert set(margins) == {"0", "2"} and len(margins["0"]) == len(LEVELS)
+    assert set(margins) == {"0", "1", "2"} and len(margins["0"]) == len(LEVELS)
+    assert margins["1"] is None                                      # no document exits by it
     for layer in ("0", "2"):   # a smaller miss probability needs a larger margin
         assert margins[layer] == sorted(margins[layer], reverse=True)
     assert margins["0"][4] > margins["2"][4]                         # the noisier layer needs more
@@ -73,6 +75,9 @@ def test_margins_for_splits_the_risk_over_the_exit_layers_and_interpolates():
     assert math.isclose(between, 1.5)
     assert margins_for(calibration, 0.5, 1.0, 256, [0, 1], 0.02) is None       # no entry for this width
     assert margins_for(None, 1.0, 1.0, 256, [0, 1], 0.02) is None
+    calibration["entries"][0]["margins"]["2"] = None                             # a head that does not rank
+    assert margins_for(calibration, 1.0, 1.0, 256, [0, 1, 2], 0.02) == margins   # the risk goes to the others
+    assert margins_for(calibration, 1.0, 1.0, 256, [2], 0.02) is None
 
 
 # -- cost model, frontier, controller -----------------------------------------------------------
@@ -204,7 +209,9 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     assert all(p.get("measured_ms_p50") is not None for p in frontier[:1] + ladder[:1])
     rungs = [RerankConfig.from_dict(p) for p in ladder]
     assert rungs and all(does_at_least(upper, lower) for lower, upper in zip(rungs, rungs[1:]))
-    assert len(result.points) == 2 ** 5                # every (width, depth, length, candidates, risk)
+    # every (width, depth, length, candidates) without exits, and with them where an exit head ranks
+    ranking = [e for e in result.calibration["entries"] if any(m is not None for m in e["margins"].values())]
+    assert len(result.points) == 2 ** 4 + 2 * len(ranking)
     assert {(e["width"], e["depth"], e["max_length"]) for e in result.calibration["entries"]} == \
         {(w, d, n) for w in (0.5, 1.0) for d in (0.5, 1.0) for n in (16, 48)}
     assert result.profile["reference"]["candidates"] == 30 and result.profile["reference"]["exit_risk"] is None
