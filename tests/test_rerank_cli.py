@@ -94,7 +94,11 @@ def test_profile_then_rerank_within_budgets(files, tmp_path, capsys):
     assert "| width | depth |" in printed and "frontier configurations" in printed
     manifest = json.loads((files.model / "rankshrink.json").read_text())
     assert manifest["metadata"]["profile"]["frontier"] and manifest["metadata"]["calibration"]["entries"]
-    assert len(json.loads((tmp_path / "points.json").read_text())["points"]) == 32
+    # every (width, depth, length, candidates) without exits, and with them where an exit head ranks
+    ranking = [e for e in manifest["metadata"]["calibration"]["entries"]
+               if any(m is not None for m in e["margins"].values())]
+    assert len(json.loads((tmp_path / "points.json").read_text())["points"]) == 16 + 2 * len(ranking)
+    assert "ladder (what budgets climb)" in printed and manifest["metadata"]["profile"]["ladder"]
     for budget in ("1", "100000"):
         stats_path = tmp_path / f"stats-{budget}.json"
         assert main(files.rerank_args(tmp_path / f"b{budget}.trec", "--budget-ms", budget, "--dtype", "fp32",
