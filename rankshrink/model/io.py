@@ -327,7 +327,7 @@ def _as_plain_bert(small: DynamicCrossEncoder) -> DynamicCrossEncoder:
     full_heads = config.hidden_size // config.head_size
     if config.num_heads == full_heads:
         return small
-    padded = DynamicCrossEncoder(replace(config, num_heads=full_heads), tokenizer=small.tokenizer)
+    padded = DynamicCrossEncoder.blank(replace(config, num_heads=full_heads), tokenizer=small.tokenizer)
     padded.to(next(small.parameters()).dtype)
     state = padded.state_dict()
     with torch.no_grad():
