@@ -33,6 +33,8 @@ WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
 # deadline cuts on 71 of 172 searches (eval/bench_pipeline.md); at 0 the bench's 400 ms budget ranked
 # worse than its 200 ms one (36 cuts, eval/README.md).
 DEFAULT_HEADROOM = 0.4
+# A profiled configuration's timing corrects the cost model's prediction of it by at most this factor.
+MAX_CORRECTION = 2.0
 
 
 def check_headroom(headroom: float) -> float:
@@ -156,10 +158,28 @@ class FrontierPoint:
     measured_ms_p50: float | None = None
     measured_ms_p95: float | None = None
 
+    @property
+    def correction(self) -> float:
+        """How much slower than the cost model predicted this configuration ran when the profile timed it
+        (measured median over predicted median, within [0.5, 2]; 1 when untimed). The cost model is one
+        linear fit over every configuration and can miss a single one by 1.4x; uncorrected, the engine would
+        read that miss as machine load and move every budget down."""
+        if self.measured_ms_p50 is None or self.ms_p50 <= 0:
+            return 1.0
+        return min(MAX_CORRECTION, max(1 / MAX_CORRECTION, self.measured_ms_p50 / self.ms_p50))
+
+    @property
+    def cost_p95(self) -> float:
+        """The 95th-percentile latency the frontier, the ladder and the controller go by: the prediction,
+        corrected by the profile's own timing of this configuration."""
+        return self.ms_p95 * self.correction
+
     def predicted_p95(self, candidates: int) -> float:
-        """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper)."""
+        """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper),
+        corrected by the profile's timing of this configuration."""
         reranked = min(candidates, self.config.candidates)
-        return self.ms_fixed + (self.ms_p95 - self.ms_fixed) * reranked / self.config.candidates
+        uncorrected = self.ms_fixed + (self.ms_p95 - self.ms_fixed) * reranked / self.config.candidates
+        return uncorrected * self.correction
 
     def to_dict(self) -> dict[str, Any]:
         values = {**self.config.as_dict(), "ndcg@10": self.ndcg, "ms_p50": self.ms_p50, "ms_p95": self.ms_p95,
@@ -176,11 +196,11 @@ class FrontierPoint:
 
 
 def pareto_frontier(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> list[FrontierPoint]:
-    """The points no other point beats on both cost (predicted p95) and nDCG, cheapest first. With
+    """The points no other point beats on both cost (``cost_p95``) and nDCG, cheapest first. With
     ``min_gain``, a dearer point must beat the last one kept by more than that: a gain smaller than the dev
     set's noise is not worth its cost, and would make quality on other queries go down as budgets go up."""
     frontier: list[FrontierPoint] = []
-    for point in sorted(points, key=lambda p: (p.ms_p95, -p.ndcg)):
+    for point in sorted(points, key=lambda p: (p.cost_p95, -p.ndcg)):
         if not frontier or point.ndcg > frontier[-1].ndcg + min_gain:
             frontier.append(point)
     return frontier
@@ -205,10 +225,10 @@ def nested_ladder(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> lis
     Why not the Pareto frontier: its neighbours can differ in every knob (K20 at width 1, then K50 at width
     0.75 and 128 tokens), and on a few dev queries their order is noise, so on other queries a bigger budget
     can rank worse. A rung that only adds work keeps what the rung below it found."""
-    ordered = sorted(points, key=lambda p: (p.ms_p95, -p.ndcg))
+    ordered = sorted(points, key=lambda p: (p.cost_p95, -p.ndcg))
     if not ordered:
         return []
-    log_cost = [math.log(max(point.ms_p95, 1e-3)) for point in ordered]
+    log_cost = [math.log(max(point.cost_p95, 1e-3)) for point in ordered]
     log_top = log_cost[-1] + math.log(2)     # so that the dearest rung, too, buys budgets of its own
     area: list[float] = []                 # best area up to each point's cost, for ladders ending there
     below: list[int | None] = []
