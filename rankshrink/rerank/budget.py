@@ -168,12 +168,6 @@ class FrontierPoint:
             return 1.0
         return min(MAX_CORRECTION, max(1 / MAX_CORRECTION, self.measured_ms_p50 / self.ms_p50))
 
-    @property
-    def cost_p95(self) -> float:
-        """The 95th-percentile latency the frontier, the ladder and the controller go by: the prediction,
-        corrected by the profile's own timing of this configuration."""
-        return self.ms_p95 * self.correction
-
     def predicted_p95(self, candidates: int) -> float:
         """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper),
         corrected by the profile's timing of this configuration."""
@@ -196,11 +190,11 @@ class FrontierPoint:
 
 
 def pareto_frontier(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> list[FrontierPoint]:
-    """The points no other point beats on both cost (``cost_p95``) and nDCG, cheapest first. With
+    """The points no other point beats on both cost (predicted p95) and nDCG, cheapest first. With
     ``min_gain``, a dearer point must beat the last one kept by more than that: a gain smaller than the dev
     set's noise is not worth its cost, and would make quality on other queries go down as budgets go up."""
     frontier: list[FrontierPoint] = []
-    for point in sorted(points, key=lambda p: (p.cost_p95, -p.ndcg)):
+    for point in sorted(points, key=lambda p: (p.ms_p95, -p.ndcg)):
         if not frontier or point.ndcg > frontier[-1].ndcg + min_gain:
             frontier.append(point)
     return frontier
@@ -225,10 +219,10 @@ def nested_ladder(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> lis
     Why not the Pareto frontier: its neighbours can differ in every knob (K20 at width 1, then K50 at width
     0.75 and 128 tokens), and on a few dev queries their order is noise, so on other queries a bigger budget
     can rank worse. A rung that only adds work keeps what the rung below it found."""
-    ordered = sorted(points, key=lambda p: (p.cost_p95, -p.ndcg))
+    ordered = sorted(points, key=lambda p: (p.ms_p95, -p.ndcg))
     if not ordered:
         return []
-    log_cost = [math.log(max(point.cost_p95, 1e-3)) for point in ordered]
+    log_cost = [math.log(max(point.ms_p95, 1e-3)) for point in ordered]
     log_top = log_cost[-1] + math.log(2)     # so that the dearest rung, too, buys budgets of its own
     area: list[float] = []                 # best area up to each point's cost, for ladders ending there
     below: list[int | None] = []
@@ -286,8 +280,8 @@ class Controller:
 
     def choose(self, budget_ms: float, candidates: int, load: float = 1.0,
                max_candidates: int | None = None, max_length: int | None = None) -> FrontierPoint:
-        """The best rung whose predicted p95 × ``load`` fits ``budget_ms`` for a query of ``candidates``
-        candidates; the cheapest rung when none fits. ``max_candidates`` / ``max_length`` cap the chosen
+        """The best rung whose predicted p95 (``FrontierPoint.predicted_p95``) × ``load`` fits ``budget_ms``
+        for a query of ``candidates`` candidates; the cheapest rung when none fits. ``max_candidates`` / ``max_length`` cap the chosen
         configuration (the caller's limits; capping only makes it cheaper)."""
         chosen = self.rungs[0]
         for point in self.rungs:
@@ -299,6 +293,16 @@ class Controller:
         if max_length is not None and config.max_length > max_length:
             config = replace(config, max_length=max_length)
         return chosen if config == chosen.config else replace(chosen, config=config)
+
+    def correction(self, config: RerankConfig) -> float:
+        """``FrontierPoint.correction`` of the timed rung or frontier point that runs ``config``; for a
+        configuration capped to fewer candidates, of the timed point with the fewest candidates above it; 1 for
+        a configuration the profile did not time."""
+        timed = [p for p in self.rungs + self.frontier if p.measured_ms_p50 is not None
+                 and replace(p.config, candidates=config.candidates) == config
+                 and p.config.candidates >= config.candidates]
+        closest = min(timed, key=lambda p: p.config.candidates, default=None)
+        return 1.0 if closest is None else closest.correction
 
     def cheapest_within(self, ndcg: float, drop: float) -> FrontierPoint | None:
         """The cheapest frontier point whose dev nDCG@10 is at least ``ndcg - drop`` (None if none is)."""

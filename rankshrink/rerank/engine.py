@@ -307,18 +307,18 @@ class Reranker:
         cut early exits protect (default 10)."""
         started = time.perf_counter()
         docids = _first_stage_order(candidates)
-        config, predicted, correction = self.config, None, 1.0
+        config, predicted = self.config, None
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
             if self.controller is not None:
                 point = self.choose(budget_ms, len(docids))
-                config, correction = point.config, point.correction
+                config = point.config
                 predicted = point.predicted_p95(len(docids)) * self._load
             elif not self._warned_no_profile:
                 self._warned_no_profile = True
                 warnings.warn("the model has no profile (run rankshrink profile): budgets run the fixed "
                               "configuration, stopped at the deadline", stacklevel=2)
-        return self._run(started, query, docids, texts, config, top_k, budget_ms, predicted, correction)
+        return self._run(started, query, docids, texts, config, top_k, budget_ms, predicted)
 
     def choose(self, budget_ms: float, candidates: int, load: float | None = None,
                headroom: float | None = None) -> FrontierPoint:
@@ -338,8 +338,8 @@ class Reranker:
         return self._run(started, query, _first_stage_order(candidates), texts, config, top_k, deadline_ms, None)
 
     def _run(self, started: float, query: str, docids: list[str], texts: Mapping[str, str] | Sequence[str],
-             config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None,
-             correction: float = 1.0) -> RerankResult:
+             config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None
+             ) -> RerankResult:
         top_k = DEFAULT_TOP_K if top_k is None else _check_top_k(top_k)
         deadline = None
         if budget_ms is not None:
@@ -351,7 +351,7 @@ class Reranker:
             outcome = None
         else:
             outcome = self._score(query, passages, config, top_k, deadline, record=False)
-        return self._result(docids, reranked, outcome, config, started, budget_ms, predicted, correction)
+        return self._result(docids, reranked, outcome, config, started, budget_ms, predicted)
 
     def trace(self, query: str, passages: Sequence[str], config: RerankConfig) -> Trace:
         """Every head's score on every passage at ``config`` (no exit, no deadline), for calibration."""
@@ -490,17 +490,16 @@ class Reranker:
             return self.controller.cost_model.gflop_cost(width) * self._load
         return 0.0
 
-    def _observe(self, config: RerankConfig, work: Mapping[str, float], elapsed_ms: float,
-                 correction: float = 1.0) -> None:
-        """Update the load: this call's time over what the profile predicts for its work (times the profile's
-        own correction for its configuration, ``FrontierPoint.correction``)."""
+    def _observe(self, config: RerankConfig, work: Mapping[str, float], elapsed_ms: float) -> None:
+        """Update the load: this call's time over what the profile predicts for its work, corrected where the
+        profile timed this configuration (``Controller.correction``)."""
         cost_model = self.controller.cost_model if self.controller is not None else None
         if cost_model is None or not work:
             return
         profiled_threads = self.controller.info.get("threads")
         if profiled_threads and profiled_threads != torch.get_num_threads():
             return   # another thread count runs at another speed: not the load the controller corrects for
-        predicted = cost_model.predict(work, config.width) * correction
+        predicted = cost_model.predict(work, config.width) * self.controller.correction(config)
         if predicted < 1.0:
             return
         ratio = min(8.0, max(0.25, elapsed_ms / predicted))
@@ -517,8 +516,7 @@ class Reranker:
                 "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
 
     def _result(self, docids: list[str], reranked: list[str], outcome: "_Outcome | None", config: RerankConfig,
-                started: float, budget_ms: float | None, predicted: float | None,
-                correction: float = 1.0) -> RerankResult:
+                started: float, budget_ms: float | None, predicted: float | None) -> RerankResult:
         values = outcome.scores.tolist() if outcome is not None else [math.nan] * len(reranked)
         scores = assemble(docids, values)
         layers_used = (outcome.layers_used.tolist() if outcome is not None else [0] * len(reranked))
@@ -534,7 +532,7 @@ class Reranker:
             batch_sizes=outcome.batch_sizes if outcome is not None else [],
             work=dict(outcome.work) if outcome is not None else {})
         if outcome is not None:
-            self._observe(config, outcome.work, latency_ms, correction)
+            self._observe(config, outcome.work, latency_ms)
         return RerankResult(scores, stats)
 
     # -- a whole run -------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ How, without running every configuration on every query:
    micro-batch packing replayed on the recorded scores give each query's ranking (→ nDCG@10 against the dev
    qrels) and the work it would do (→ latency, through the cost model fitted to step 1's timings).
 4. Keep the **frontier** and the **ladder** (``budget.py``), then **time them for real**: each of their
-   configurations reranks dev queries through the engine; the cost model is refitted on all timings, each
-   timed configuration's prediction is corrected by its own timing (``FrontierPoint.correction``), and both
-   are recomputed.
+   configurations reranks dev queries through the engine; the cost model is refitted on all timings and
+   both recomputed. The controller corrects each timed configuration's prediction by its own timing
+   (``FrontierPoint.correction``).
 
 Dev data must not be the test set: calibrate and profile on TREC DL 2021, quote numbers on DL 2019.
 
