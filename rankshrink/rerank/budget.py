@@ -162,7 +162,7 @@ class FrontierPoint:
     def correction(self) -> float:
         """How much slower than the cost model predicted this configuration ran when the profile timed it
         (measured median over predicted median, within [0.5, 2]; 1 when untimed). The cost model is one
-        linear fit over every configuration and can miss a single one by 1.4x; uncorrected, the engine would
+        linear fit over every configuration and misses single ones by 1.2-1.4x; uncorrected, the engine would
         read that miss as machine load and move every budget down."""
         if self.measured_ms_p50 is None or self.ms_p50 <= 0:
             return 1.0
@@ -281,8 +281,8 @@ class Controller:
     def choose(self, budget_ms: float, candidates: int, load: float = 1.0,
                max_candidates: int | None = None, max_length: int | None = None) -> FrontierPoint:
         """The best rung whose predicted p95 (``FrontierPoint.predicted_p95``) × ``load`` fits ``budget_ms``
-        for a query of ``candidates`` candidates; the cheapest rung when none fits. ``max_candidates`` / ``max_length`` cap the chosen
-        configuration (the caller's limits; capping only makes it cheaper)."""
+        for a query of ``candidates`` candidates; the cheapest rung when none fits. ``max_candidates`` /
+        ``max_length`` cap the chosen configuration (the caller's limits; capping only makes it cheaper)."""
         chosen = self.rungs[0]
         for point in self.rungs:
             if point.predicted_p95(candidates) * load <= budget_ms:
