@@ -298,9 +298,11 @@ class Controller:
         """``FrontierPoint.correction`` of the timed rung or frontier point that runs ``config``; for a
         configuration capped to fewer candidates, of the timed point with the fewest candidates above it; 1 for
         a configuration the profile did not time."""
+        def knobs(c: RerankConfig) -> tuple:
+            return c.width, c.depth, c.max_length, c.exit_risk
+
         timed = [p for p in self.rungs + self.frontier if p.measured_ms_p50 is not None
-                 and replace(p.config, candidates=config.candidates) == config
-                 and p.config.candidates >= config.candidates]
+                 and knobs(p.config) == knobs(config) and p.config.candidates >= config.candidates]
         closest = min(timed, key=lambda p: p.config.candidates, default=None)
         return 1.0 if closest is None else closest.correction
 
