@@ -15,7 +15,7 @@ from rankshrink.errors import InputError
 from rankshrink.rerank import Reranker, RerankConfig
 from rankshrink.rerank.calibration import LEVELS
 from rankshrink.rerank.engine import assemble, pack, regroup
-from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
+from test_model_fixtures import WORDS, pair_exits, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -77,7 +77,10 @@ def test_texts_may_be_a_list_in_first_stage_order(tiny):
         reranker.rerank("cat", candidates, texts).scores
 
 
-def test_exited_documents_leave_the_batch_and_keep_their_exit_score(tiny):
+@pytest.mark.parametrize("pooling", ["cls", "pair"])
+def test_exited_documents_leave_the_batch_and_keep_their_exit_score(tiny, pooling):
+    if pooling == "pair":   # exit heads reading each pair's query and passage tokens: the batch's masks and types
+        pair_exits(tiny)
     with_margins(tiny, 0.0)
     candidates, texts = candidates_and_texts(24)
     order = [docid for docid, _ in trec_order(candidates)]
@@ -103,8 +106,11 @@ def test_exited_documents_leave_the_batch_and_keep_their_exit_score(tiny):
         assert math.isclose(result.scores[docid], float(expected), abs_tol=1e-5)
 
 
-def test_repacking_after_exits_keeps_the_survivors_scores_exact(tiny):
+@pytest.mark.parametrize("pooling", ["cls", "pair"])
+def test_repacking_after_exits_keeps_the_survivors_scores_exact(tiny, pooling):
     """Trimming, padding and merging micro-batches after exits must not change any survivor's arithmetic."""
+    if pooling == "pair":
+        pair_exits(tiny)
     with_margins(tiny, 0.5)
     candidates, texts = candidates_and_texts(40, seed=3)
     order = [docid for docid, _ in trec_order(candidates)]
@@ -116,6 +122,12 @@ def test_repacking_after_exits_keeps_the_survivors_scores_exact(tiny):
     assert 0 < len(finished) < len(order)
     for position in finished:
         assert math.isclose(result.scores[order[position]], float(full[position]), abs_tol=1e-5)
+    tokens = tiny.tokenize([query] * len(order), [texts[d] for d in order], max_length=64)
+    with torch.inference_mode():
+        out = tiny(tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"], exits="all")
+    for position, used in enumerate(result.stats.layers_used):   # and the exited, at their head
+        if used < tiny.config.num_layers:
+            assert math.isclose(result.scores[order[position]], float(out.exit_scores[used - 1][position]), abs_tol=1e-5)
 
 
 def test_a_budget_of_zero_returns_the_first_stage_order(tiny):

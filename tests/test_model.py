@@ -2,6 +2,7 @@
 building blocks the engine can run on shrinking batches, and everything training needs differentiable."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -10,8 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rankshrink
 from conftest import shared_path
+from rankshrink.errors import InputError
 from rankshrink.model import ModelConfig, UninitializedWeightsWarning, save_model
-from test_model_fixtures import (QUERIES, hf_scores, pairs, spread_scores, tiny_dir,  # noqa: F401
+from test_model_fixtures import (QUERIES, hf_scores, pair_exits, pairs, spread_scores, tiny_dir,  # noqa: F401
                                  tiny_hf_cross_encoder)
 
 GRID = [(w, d) for w in (0.25, 0.5, 0.75, 1.0) for d in (0.5, 0.75, 1.0)]
@@ -176,6 +178,39 @@ def test_forward_returns_exit_scores_and_hidden_states(tiny_dir):
     assert torch.equal(full.exit_scores[3], full.score)
     with pytest.raises(ValueError, match=r"not executed"):
         model(batch["input_ids"], batch["attention_mask"], depth=0.5, exits=[1])
+
+
+def test_pair_exit_heads_read_only_real_tokens_and_survive_a_round_trip(tiny_dir, tmp_path):
+    model = pair_exits(load_quietly(tiny_dir))
+    queries, passages = pairs(6)
+    batch = model.tokenize(queries, passages)
+    assert not bool(batch["attention_mask"].all())          # some pairs are padded
+    with torch.no_grad():
+        together = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], exits="all")
+        for i in range(6):   # each pair alone, unpadded: the same exit scores
+            alone = model.tokenize(queries[i:i + 1], passages[i:i + 1])
+            out = model(alone["input_ids"], alone["attention_mask"], alone["token_type_ids"], exits="all")
+            for layer, scores in out.exit_scores.items():
+                assert abs(float(scores[0]) - float(together.exit_scores[layer][i])) <= 1e-5
+    assert together.exit_scores[0].std() > 0.1                # the spread classifiers make a 1e-5 check real
+    save_model(model, tmp_path / "pair")
+    loaded = load_quietly(tmp_path / "pair")
+    assert loaded.config.exit_pooling == "pair"
+    with torch.no_grad():
+        again = loaded(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], exits="all")
+    for layer in together.exit_scores:
+        assert torch.equal(again.exit_scores[layer], together.exit_scores[layer])
+
+
+def test_a_manifest_without_exit_pooling_reads_cls_heads_and_a_bad_one_is_named(tiny_dir, tmp_path):
+    save_model(load_quietly(tiny_dir), tmp_path / "cls")
+    manifest = json.loads((tmp_path / "cls" / "rankshrink.json").read_text())
+    del manifest["exit_pooling"]                             # as models written before pair pooling
+    (tmp_path / "cls" / "rankshrink.json").write_text(json.dumps(manifest))
+    assert load_quietly(tmp_path / "cls").config.exit_pooling == "cls"
+    (tmp_path / "cls" / "rankshrink.json").write_text(json.dumps({**manifest, "exit_pooling": "max"}))
+    with pytest.raises(InputError, match=r"rankshrink.json: exit_pooling 'max' is not supported"):
+        load_quietly(tmp_path / "cls")
 
 
 def test_building_blocks_on_a_shrinking_batch_match_forward(tiny_dir):

@@ -76,3 +76,13 @@ def spread_scores(model, seed: int = 0):
         weight = model.head.classifier.weight
         weight.copy_(torch.randn(weight.shape, generator=generator).to(weight.dtype))
     return model
+
+
+def pair_exits(model, seed: int = 1):
+    """Replace a model's exit heads by "pair"-pooled ones whose classifiers spread (as ``spread_scores``)."""
+    model.new_exit_heads("pair")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in model.exits.values():
+            head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=generator))
+    return model

@@ -249,6 +249,8 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     ({"dtype": "fp16"}, "expected bf16 or fp32"),
     ({"losses": {"reference": "teacher"}}, "train.losses.reference must be frozen or inplace"),
     ({"stages": {"full": {"average": 1.0}}}, r"train.stages.full.average: a decay in \[0, 1\)"),
+    ({"stages": {"exits": {"steps": 2, "pooling": "max"}}}, r"train.stages.exits.pooling: expected one of"),
+    ({"exit_pooling": "pair"}, "exit_pooling belongs to the exits stage"),
 ])
 def test_recipe_errors_name_the_key(tiny_data, change, message):
     section = tiny_section(tiny_data)
@@ -369,6 +371,35 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch):
     assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
 
 
+def test_the_exits_stage_trains_new_exit_heads_on_the_frozen_network_and_reruns_alone(tiny_data):
+    from rankshrink import load_model
+
+    d = tiny_data["dir"]
+    section = tiny_section(tiny_data)
+    network = train(section)
+    messages: list[str] = []
+    exits = {"steps": 3, "lr": 1e-2, "configs": 3, "pooling": "pair"}
+    with_exits = tiny_section(tiny_data, stages={**section["stages"], "exits": exits})
+    Trainer(train_spec_from_dict(with_exits), progress=False, log=messages.append).run()
+    assert any("done: ['depth', 'full', 'rewire', 'width']" in m for m in messages)   # the network was not retrained
+    model = load_model(d / "out")
+    trained = model.state_dict()
+    assert model.config.exit_pooling == "pair" and model.exits["0"].pooler.in_features == 3 * 32
+    assert all(torch.equal(trained[name], network[name]) for name in network if not name.startswith("exits."))
+    assert set(model.metadata["training"]["held_out_ndcg@10"]["exits"]) == {"exit-1", "exit-2", "exit-3", "exit-4"}
+    assert len((d / "cache" / "logs" / "exits.jsonl").read_text().splitlines()) == 3
+    # A changed exits stage runs again on its own, and gives what a run from nothing gives.
+    messages.clear()
+    exits["steps"] = 4
+    again = tiny_section(tiny_data, stages={**section["stages"], "exits": exits})
+    Trainer(train_spec_from_dict(again), progress=False, log=messages.append).run()
+    assert any("done: ['depth', 'exits', 'full', 'rewire', 'width']" in m for m in messages)
+    rerun = load_model(d / "out").state_dict()
+    fresh = train({**again, "output": str(d / "fresh"), "cache": str(d / "c-fresh")})
+    assert all(torch.equal(rerun[name], fresh[name]) for name in fresh)
+    assert not torch.equal(rerun["exits.0.pooler.weight"], trained["exits.0.pooler.weight"])
+
+
 def test_offline_recipe_smoke_run(tmp_path):
     shared_path("trec-dl", "dl21")
     result = subprocess.run(
@@ -379,8 +410,8 @@ def test_offline_recipe_smoke_run(tmp_path):
     from rankshrink import load_model
 
     model = load_model(tmp_path / "model-smoke")
-    assert model.rewiring is not None and len(model.exits) == 5
-    assert set(model.metadata["training"]["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth"}
+    assert model.rewiring is not None and len(model.exits) == 5 and model.config.exit_pooling == "pair"
+    assert set(model.metadata["training"]["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth", "exits"}
 
 
 def test_the_labels_only_ablation_trains_on_labelled_queries_without_a_teacher(tiny_data):

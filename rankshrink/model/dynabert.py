@@ -73,6 +73,8 @@ class ModelConfig:
     pad_token_id: int = 0
     # Layers with an exit head of their own; None means every layer but the last (whose exit is the final head).
     exit_layers: tuple[int, ...] | None = None
+    # What an exit head reads (EXIT_POOLINGS); the final head is always BERT's [CLS] pooler.
+    exit_pooling: str = "cls"
     # The settings the network is trained for (recorded in rankshrink.json; any value in (0, 1] runs).
     widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     depths: tuple[float, ...] = (0.5, 0.75, 1.0)
@@ -87,6 +89,8 @@ class ModelConfig:
             raise InputError(f"exit_layers {list(exit_layers)}: each must be a layer in 0..{self.num_layers - 2} "
                              f"(the last layer's exit is the final head)")
         object.__setattr__(self, "exit_layers", exit_layers)
+        if self.exit_pooling not in EXIT_POOLINGS:
+            raise InputError(f"exit_pooling {self.exit_pooling!r} is not supported; expected one of {list(EXIT_POOLINGS)}")
         object.__setattr__(self, "widths", tuple(float(w) for w in self.widths))
         object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
 
@@ -347,18 +351,51 @@ class Layer(nn.Module):
         return self.ffn(self.attention(hidden, mask, heads, head_mask), neurons, neuron_mask)
 
 
-class RankingHead(nn.Module):
-    """[CLS] → tanh(pooler) → one score: the shape of BERT's pooler + a one-label classifier."""
+# What a ranking head reads from the hidden states:
+#   cls:  the [CLS] token, as BERT's pooler does (the final head always; HF-compatible).
+#   pair: the mean of the query's tokens (segment 0) and of the passage's (segment 1) and their product,
+#         [m_q ⊙ m_p, m_q, m_p]. After the first layers of an encoder trained for mean pooling (MiniLM
+#         sentence-transformers), [CLS] is the same vector for every passage (std across 100 passages ~0.001),
+#         so a [CLS] exit head cannot rank there; the product term gives the head a bi-encoder's similarity.
+EXIT_POOLINGS = ("cls", "pair")
 
-    def __init__(self, config: ModelConfig):
+
+class RankingHead(nn.Module):
+    """pooling → tanh(pooler) → one score: the shape of BERT's pooler + a one-label classifier."""
+
+    def __init__(self, config: ModelConfig, pooling: str = "cls"):
         super().__init__()
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.pooling = pooling
+        features = 3 * config.hidden_size if pooling == "pair" else config.hidden_size
+        self.pooler = nn.Linear(features, config.hidden_size)
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pooled = torch.tanh(self.pooler(hidden[:, 0]))
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` [batch, length, hidden]; ``attention_mask`` [batch, length] 1/0 or the boolean
+        [batch, 1, 1, length] of ``attention_mask_for`` or None (nothing padded); ``token_type_ids``
+        [batch, length] (None: all segment 0). Only "pair" pooling reads the last two."""
+        if self.pooling == "pair":
+            features = pair_features(hidden, attention_mask, token_type_ids)
+        else:
+            features = hidden[:, 0]
+        pooled = torch.tanh(self.pooler(features))
         return self.classifier(self.dropout(pooled)).squeeze(-1)
+
+
+def pair_features(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                  token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    """[m_q ⊙ m_p, m_q, m_p]: the means of each pair's query and passage tokens (padding left out)."""
+    batch, length, _ = hidden.shape
+    valid = torch.ones(batch, length, dtype=torch.bool) if attention_mask is None else \
+        attention_mask.reshape(batch, length).bool()
+    passage = torch.zeros(batch, length, dtype=torch.bool) if token_type_ids is None else token_type_ids.bool()
+    segments = torch.stack([valid & ~passage, valid & passage], 1).to(hidden.dtype)   # [batch, 2, length]
+    segments = segments / segments.sum(-1, keepdim=True).clamp(min=1)
+    means = torch.bmm(segments, hidden)                                               # [batch, 2, hidden]
+    query, passage_mean = means[:, 0], means[:, 1]
+    return torch.cat([query * passage_mean, query, passage_mean], -1)
 
 
 @dataclass
@@ -391,7 +428,8 @@ class DynamicCrossEncoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.head = RankingHead(config)
-        self.exits = nn.ModuleDict({str(layer): RankingHead(config) for layer in config.exit_layers})
+        self.exits = nn.ModuleDict({str(layer): RankingHead(config, config.exit_pooling)
+                                    for layer in config.exit_layers})
         self.tokenizer = tokenizer
         self.metadata: dict[str, Any] = {}
         self.rewiring: dict[str, list[list[int]]] | None = None
@@ -469,13 +507,15 @@ class DynamicCrossEncoder(nn.Module):
         return self.layers[index](hidden, mask, self.heads_for(width), self.neurons_for(width),
                                   head_mask, neuron_mask)
 
-    def exit_score(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Score of the exit head after physical layer ``index`` ([batch]); the last layer's exit is the final head."""
+    def exit_score(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Score of the exit head after physical layer ``index`` ([batch]); the last layer's exit is the final
+        head. A "pair"-pooled exit head needs the batch's padding mask and token types (see ``RankingHead``)."""
         if index == self.config.num_layers - 1:
             return self.head(hidden)
         if str(index) not in self.exits:
             raise ValueError(f"no exit head after layer {index}; this model has exits after {list(self.config.exit_layers)}")
-        return self.exits[str(index)](hidden)
+        return self.exits[str(index)](hidden, attention_mask, token_type_ids)
 
     def final_score(self, hidden: torch.Tensor) -> torch.Tensor:
         """The cross-encoder's own head, applied after the last executed layer at any depth ([batch])."""
@@ -519,7 +559,7 @@ class DynamicCrossEncoder(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(hidden)
             if index in wanted:
-                exit_scores[index] = self.exit_score(index, hidden)
+                exit_scores[index] = self.exit_score(index, hidden, mask, token_type_ids)
         return RankerOutput(self.final_score(hidden), exit_scores, hidden_states, layers)
 
     # -- text in, scores out --------------------------------------------------------------------
@@ -702,9 +742,22 @@ class DynamicCrossEncoder(nn.Module):
         return [name for name in expected if name not in given]
 
     def reset_exits_from_final_head(self) -> None:
-        """Initialise every exit head as a copy of the final head (a starting point for self-distillation)."""
+        """Initialise every [CLS] exit head as a copy of the final head (a starting point for
+        self-distillation); a "pair" head, whose pooler reads other features, gets the final head's classifier."""
         for exit_head in self.exits.values():
-            exit_head.load_state_dict(self.head.state_dict())
+            if exit_head.pooling == self.head.pooling:
+                exit_head.load_state_dict(self.head.state_dict())
+            else:
+                exit_head.classifier.load_state_dict(self.head.classifier.state_dict())
+
+    def new_exit_heads(self, pooling: str) -> None:
+        """Replace every exit head by a freshly initialised one reading ``pooling`` (the backbone and the
+        final head are untouched): what the exits training stage starts from."""
+        self.config = replace(self.config, exit_pooling=pooling)
+        parameter = next(self.parameters())
+        self.exits = nn.ModuleDict({str(layer): RankingHead(self.config, pooling) for layer in self.config.exit_layers})
+        self.exits.apply(self._init_weights)
+        self.exits.to(device=parameter.device, dtype=parameter.dtype).train(self.training)
 
     @classmethod
     def blank(cls, config: ModelConfig, tokenizer=None) -> "DynamicCrossEncoder":

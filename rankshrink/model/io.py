@@ -5,7 +5,7 @@ A rankshrink model directory is a plain Hugging Face cross-encoder plus two file
     config.json              BertForSequenceClassification config (one label)
     model.safetensors        backbone + pooler + classifier, Hugging Face names
     tokenizer.json ...       the tokenizer, as save_pretrained writes it
-    rankshrink.json          widths, depths, exit layers, rewiring order, and free-form ``metadata``
+    rankshrink.json          widths, depths, exit layers and their pooling, rewiring order, and free-form ``metadata``
                              (other modules keep ``calibration`` and ``profile`` there)
     rankshrink.safetensors   the exit heads: exits.{layer}.pooler.weight, ...
 
@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import InputError
-from .dynabert import DynamicCrossEncoder, ModelConfig
+from .dynabert import EXIT_POOLINGS, DynamicCrossEncoder, ModelConfig
 
 HF_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -179,9 +179,13 @@ def _load_rankshrink_dir(directory: Path) -> DynamicCrossEncoder:
     for key in ("exit_layers", "widths", "depths"):
         if not isinstance(manifest.get(key), list):
             raise InputError(f"{where}: {key!r} must be a list, found {manifest.get(key)!r}")
+    # Absent from models written before "pair" pooling existed, whose exit heads read [CLS].
+    exit_pooling = manifest.get("exit_pooling", "cls")
+    if exit_pooling not in EXIT_POOLINGS:
+        raise InputError(f"{where}: exit_pooling {exit_pooling!r} is not supported; expected one of {list(EXIT_POOLINGS)}")
     hf_config = _read_json(directory / HF_CONFIG)
     config = _config_from(hf_config, directory / HF_CONFIG, exit_layers=tuple(manifest["exit_layers"]),
-                          widths=tuple(manifest["widths"]), depths=tuple(manifest["depths"]))
+                          widths=tuple(manifest["widths"]), depths=tuple(manifest["depths"]), exit_pooling=exit_pooling)
     model = DynamicCrossEncoder.blank(config, tokenizer=_load_tokenizer(directory, required=True))
     tensors, source = _read_backbone(directory)
     model.load_hf_weights(tensors, source)
@@ -291,6 +295,7 @@ def manifest_of(model: DynamicCrossEncoder) -> dict[str, Any]:
         "neurons_at_width": {str(w): model.neurons_for(w) for w in config.widths},
         "layers_at_depth": {str(d): model.layers_for(d) for d in config.depths},
         "exit_layers": list(config.exit_layers),
+        "exit_pooling": config.exit_pooling,
         "exit_heads_file": EXIT_WEIGHTS,
         "rewiring": model.rewiring,
         "metadata": model.metadata,

@@ -161,6 +161,7 @@ class _Batch:
     docs: list[int]                 # positions in the reranked list, one per row
     hidden: torch.Tensor            # [rows, length, hidden]
     mask: torch.Tensor | None       # model.attention_mask_for of the padding; None when nothing is padded
+    types: torch.Tensor             # [rows, length] token types (query 0, passage 1), for "pair" exit heads
 
     @property
     def length(self) -> int:
@@ -411,7 +412,8 @@ class Reranker:
                     batch.hidden = model.run_layer(layer, batch.hidden, batch.mask, config.width)
                     rows = torch.tensor(batch.docs)
                     if head:
-                        scores = model.final_score(batch.hidden) if last else model.exit_score(layer, batch.hidden)
+                        scores = model.final_score(batch.hidden) if last else \
+                            model.exit_score(layer, batch.hidden, batch.mask, batch.types)
                         outcome.scores[rows] = scores.float()
                         if record and not last:
                             outcome.layer_scores.setdefault(layer, torch.full((len(passages),), math.nan))[rows] = \
@@ -438,8 +440,9 @@ class Reranker:
         for row, position in enumerate(group):
             input_ids[row, :lengths[position]] = ids[position]
             token_types[row, :lengths[position]] = types[position]
-        hidden = self.model.embed(torch.from_numpy(input_ids), torch.from_numpy(token_types))
-        return _Batch(list(group), hidden, self._mask([lengths[p] for p in group], length))
+        token_types = torch.from_numpy(token_types)
+        hidden = self.model.embed(torch.from_numpy(input_ids), token_types)
+        return _Batch(list(group), hidden, self._mask([lengths[p] for p in group], length), token_types)
 
     def _mask(self, lengths: list[int], length: int) -> torch.Tensor | None:
         if all(n == length for n in lengths):
@@ -464,19 +467,23 @@ class Reranker:
                 result.append(batches[sources[0]])
                 continue
             length = max(lengths[doc] for doc in group)
-            pieces = []
+            pieces, type_pieces = [], []
             for index in sources:
                 rows = [where[doc][1] for doc in group if where[doc][0] == index]
-                hidden = batches[index].hidden
+                hidden, types = batches[index].hidden, batches[index].types
                 if len(rows) != hidden.shape[0]:
-                    hidden = hidden.index_select(0, torch.tensor(rows))
+                    picked = torch.tensor(rows)
+                    hidden, types = hidden.index_select(0, picked), types.index_select(0, picked)
                 if hidden.shape[1] > length:
-                    hidden = hidden[:, :length]
+                    hidden, types = hidden[:, :length], types[:, :length]
                 elif hidden.shape[1] < length:
                     hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+                    types = torch.nn.functional.pad(types, (0, length - types.shape[1]))
                 pieces.append(hidden)
+                type_pieces.append(types)
             hidden = pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces)
-            result.append(_Batch(group, hidden, self._mask([lengths[doc] for doc in group], length)))
+            types = type_pieces[0] if len(type_pieces) == 1 else torch.cat(type_pieces)
+            result.append(_Batch(group, hidden, self._mask([lengths[doc] for doc in group], length), types))
         return result
 
     # -- speed and load ----------------------------------------------------------------------------

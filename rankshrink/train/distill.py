@@ -11,6 +11,9 @@
    listwise KL) and hidden states (MSE, TinyBERT's intermediate-layer loss).
 4. **depth** (DynaBERT stage 2): the same over widths × depths, plus FastBERT's self-distillation: every
    exit head learns the final layer's scores of the sub-network it runs in, so all layers share one scale.
+5. **exits** (FastBERT, optional): fresh exit heads reading ``exit_pooling`` learn the same on the frozen
+   network. Its checkpoints are keyed by the network's stages only, so changing this stage does not
+   retrain the network.
 
 Checkpoints every ``checkpoint_every`` steps make a run resumable (``rankshrink train`` again picks up where
 it stopped); a fixed seed gives the same model; each stage logs JSON lines to ``<cache>/logs/<stage>.jsonl``.
@@ -39,7 +42,8 @@ from .losses import hidden_mse, listwise_ce, listwise_kl
 from .recipe import StageSpec, TrainSpec
 from .teacher import score_groups, teacher_from_spec
 
-STAGES = ("full", "rewire", "width", "depth")
+STAGES = ("full", "rewire", "width", "depth", "exits")
+EXIT_STAGE_KEYS = ("exits", "exit_pooling")   # what the exits stage reads and the network's stages do not
 DEV_CONFIGS = ((1.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5))
 
 
@@ -48,7 +52,9 @@ class Trainer:
 
     def __init__(self, spec: TrainSpec, progress: bool = True, log: Callable[[str], None] = print):
         self.spec, self.progress, self.log = spec, progress, log
-        self.fingerprint = json_digest(asdict(spec), 16)
+        recipe = asdict(spec)
+        self.fingerprint = json_digest({key: value for key, value in recipe.items() if key not in EXIT_STAGE_KEYS}, 16)
+        self.recipe_fingerprint = json_digest(recipe, 16)
         self.cache = Path(spec.cache)
         self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint
         self.log_dir = self.cache / "logs"
@@ -164,9 +170,13 @@ class Trainer:
         model = load_model(state["model_dir"] if state else self.spec.base)
         model.config = _with_sizes(model, self.spec.widths, self.spec.depths)
         done = self.done = set(state["done"]) if state else set()
+        if state and state.get("recipe") != self.recipe_fingerprint:   # the exits stage changed: run it again
+            done.discard("exits")
+            if state.get("stage") == "exits":
+                state = {key: value for key, value in state.items() if key != "stage"}
         summary: dict[str, Any] = state["summary"] if state else {"dev": {}}
         for stage in STAGES:
-            if stage in done:
+            if stage in done or (stage == "exits" and not self.spec.exits.steps):   # optional: off unless given
                 continue
             if stage == "rewire":
                 if self.spec.rewire:
@@ -179,7 +189,8 @@ class Trainer:
                         self.reference = self._frozen_reference(model)
                     self._train_stage(stage, stage_spec, model, train, held_out, resume, summary)
             if held_out:
-                summary["dev"][stage] = self.dev_scores(model, held_out)
+                summary["dev"][stage] = (self.exit_dev_scores(model, held_out) if stage == "exits"
+                                         else self.dev_scores(model, held_out))
                 self.log(f"after {stage}: held-out nDCG@10 {summary['dev'][stage]}")
             done.add(stage)
             state = None
@@ -187,7 +198,8 @@ class Trainer:
         model.metadata["training"] = {
             "base": self.spec.base, "teacher": self.spec.teacher, "recipe_fingerprint": self.fingerprint,
             "data_set_teachers": {data.name: data.teacher for data in self.spec.data if data.teacher},
-            "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth")},
+            "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth", "exits")},
+            "exit_pooling": model.config.exit_pooling,
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
             "train_queries": len(train), "held_out_queries": len(held_out),
             "elapsed_s_this_run": round(time.time() - started, 1),
@@ -230,7 +242,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         spec = self.spec
+        rng = random.Random(f"{spec.seed}-{stage}")
+        torch.manual_seed(rng.randrange(2**31))  # dropout: the same whether or not earlier stages ran in this process
+        if stage == "exits" and not resume:
+            model.new_exit_heads(spec.exit_pooling)
         for parameter in model.parameters():
+            parameter.requires_grad_(stage != "exits")
+        for parameter in model.exits.parameters():
             parameter.requires_grad_(True)
         if spec.freeze_word_embeddings:
             model.embeddings.word.weight.requires_grad_(False)
@@ -239,8 +257,6 @@ class Trainer:
         warmup = max(1, int(stage_spec.warmup * stage_spec.steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / stage_spec.steps))
-        rng = random.Random(f"{spec.seed}-{stage}")
-        torch.manual_seed(rng.randrange(2**31))  # dropout: the same whether or not earlier stages ran in this process
         start_step, best, order = 0, None, []
         average = WeightAverage(trainable, stage_spec.average) if stage_spec.average else None
         if resume:
@@ -257,7 +273,8 @@ class Trainer:
         log_file = self.log_dir / f"{stage}.jsonl"
         if not resume:
             log_file.write_text("")
-        model.train()
+        model.train(stage != "exits")   # the exits stage: the frozen network without dropout, the heads with it
+        model.exits.train()
         bar = tqdm(range(start_step, stage_spec.steps), desc=stage, unit="step", disable=not self.progress,
                    initial=start_step, total=stage_spec.steps)
         started = time.time()
@@ -339,6 +356,8 @@ class Trainer:
             if weight:
                 parts[name] = parts.get(name, 0) + weight * value()
 
+        if stage == "exits":
+            return self._exit_losses(model, batch, grades, configs)
         full = None
         frozen = stage in ("width", "depth") and weights.reference == "frozen"
         if frozen:  # DynaBERT: every configuration, the full one too, learns from the frozen reference
@@ -376,6 +395,49 @@ class Trainer:
             raise ValueError(f"stage {stage}: every loss weight that applies to this list is 0")
         return parts
 
+    def _exit_losses(self, model: DynamicCrossEncoder, batch: dict[str, torch.Tensor], grades: torch.Tensor | None,
+                     configs: Sequence[tuple[float, float]]) -> dict[str, torch.Tensor]:
+        """FastBERT's self-distillation on the frozen network: in each configuration, every exit head learns
+        that configuration's final scores (and the graded labels, if weighted)."""
+        weights = self.spec.losses
+        parts: dict[str, torch.Tensor] = {}
+        for width, depth in configs:
+            with torch.no_grad():
+                out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=width,
+                            depth=depth, output_hidden_states=True)
+            exits = [model.exit_score(layer, out.hidden_states[position + 1], batch["attention_mask"],
+                                      batch["token_type_ids"])
+                     for position, layer in enumerate(out.layers[:-1]) if model.has_exit(layer)]
+            if not exits:
+                continue
+            final, share = out.score.float(), 1 / (len(configs) * len(exits))
+            if weights.exit_kl:
+                parts["exit_kl"] = parts.get("exit_kl", 0) + weights.exit_kl * share * sum(
+                    listwise_kl(score, final, weights.temperature) for score in exits)
+            if weights.exit_labels_ce and grades is not None:
+                parts["exit_labels_ce"] = parts.get("exit_labels_ce", 0) + weights.exit_labels_ce * share * sum(
+                    listwise_ce(score, grades, weights.label_temperature) for score in exits)
+        if not parts:
+            raise ValueError("stage exits: no exit head runs in the sampled configurations, or exit_kl and "
+                             "exit_labels_ce are both 0")
+        return parts
+
+    def exit_dev_scores(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup]) -> dict[str, float]:
+        """nDCG@10 of each exit head of the full network on the held-out queries (every candidate exiting
+        there), in bf16."""
+        scorer = model.clone().to(torch.bfloat16).eval()
+        qrels = {group.qid: {docid: label for docid, label in zip(group.docids, group.labels) if label is not None}
+                 for group in groups}
+        runs: dict[str, dict[str, dict[str, float]]] = {}
+        with torch.inference_mode():
+            for group in groups:
+                batch = scorer.tokenize([group.query] * len(group.texts), group.texts, max_length=256)
+                out = scorer(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], exits="all")
+                for layer, scores in out.exit_scores.items():
+                    runs.setdefault(f"exit-{layer + 1}", {})[group.qid] = dict(zip(group.docids, scores.float().tolist()))
+        scores = evaluate(qrels, runs, ["ndcg@10"]).scores
+        return {name: round(values["ndcg@10"], 4) for name, values in sorted(scores.items())}
+
     def _tokenize(self, model: DynamicCrossEncoder, group: TrainingGroup, chosen: Sequence[int]
                   ) -> dict[str, torch.Tensor]:
         return model.tokenize([group.query] * len(chosen), [group.texts[i] for i in chosen],
@@ -411,7 +473,7 @@ class Trainer:
 
             save_file({"rng": torch.get_rng_state()}, str(self.checkpoint_dir / "torch_rng.safetensors"))
         with atomic_write(self.checkpoint_dir / "state.json") as out:
-            json.dump({**state, "model_dir": str(self.checkpoint_dir / "model")}, out)
+            json.dump({**state, "model_dir": str(self.checkpoint_dir / "model"), "recipe": self.recipe_fingerprint}, out)
 
     def _read_checkpoint(self) -> dict | None:
         path = self.checkpoint_dir / "state.json"

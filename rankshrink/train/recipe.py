@@ -40,6 +40,7 @@
         rewire: {lists: 64}                                  # importance over this many lists
         width:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 1: widths, distilled from full
         depth:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 2: widths x depths, + exit heads
+        exits:  {steps: 600, lr: 1.0e-3, pooling: pair}      # FastBERT: new exit heads, the network frozen
       smoke: {queries: 4, candidates: 16, steps: 3}          # what --smoke shrinks everything to
 
 Relative paths are relative to the directory the command runs in (the repository root).
@@ -137,6 +138,10 @@ class TrainSpec:
     rewire_lists: int = 64
     width: StageSpec = StageSpec()
     depth: StageSpec = StageSpec()
+    # FastBERT's stage: fresh exit heads reading exit_pooling, trained on the frozen network (0 steps: the exit
+    # heads stay as the depth stage trained them, along with the network).
+    exits: StageSpec = StageSpec()
+    exit_pooling: str = "cls"
     widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     depths: tuple[float, ...] = (0.5, 0.75, 1.0)
     smoke: dict[str, int] = field(default_factory=lambda: {"queries": 4, "candidates": 16, "steps": 3})
@@ -152,6 +157,7 @@ class TrainSpec:
                      for spec in self.data)
         shrink = lambda stage: replace(stage, steps=min(stage.steps, steps), eval_every=0)  # noqa: E731
         return replace(self, data=data, full=shrink(self.full), width=shrink(self.width), depth=shrink(self.depth),
+                       exits=shrink(self.exits),
                        rewire_lists=min(self.rewire_lists, 2), list_size=min(self.list_size, 8),
                        max_length=min(self.max_length, 64), output=self.output + "-smoke",
                        cache=str(Path(self.cache) / "smoke"), checkpoint_every=max(1, steps))
@@ -219,11 +225,21 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
                 raise InputError(f"{where}.data[{i}].search.name {search.name!r} is also a run's name")
         specs.append(_build(DataSpec, {**item, "runs": dict(item.get("runs") or {}), "search": search},
                             f"{where}.data[{i}]"))
-    stages = section.pop("stages", {}) or {}
-    unknown = sorted(set(stages) - {"full", "rewire", "width", "depth"})
+    stages = dict(section.pop("stages", {}) or {})
+    unknown = sorted(set(stages) - {"full", "rewire", "width", "depth", "exits"})
     if unknown:
-        raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected full, rewire, width, depth")
-    for name in ("full", "width", "depth"):
+        raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected full, rewire, width, depth, exits")
+    if "exit_pooling" in section:
+        raise InputError(f"{where}: exit_pooling belongs to the exits stage (stages: {{exits: {{pooling: ...}}}})")
+    if "exits" in stages:
+        from ..model.dynabert import EXIT_POOLINGS   # here: reading a recipe does not otherwise need torch
+
+        exits = dict(stages["exits"] or {})
+        pooling = exits.pop("pooling", "pair")
+        if pooling not in EXIT_POOLINGS:
+            raise InputError(f"{where}.stages.exits.pooling: expected one of {list(EXIT_POOLINGS)}, got {pooling!r}")
+        section["exit_pooling"], stages["exits"] = pooling, exits
+    for name in ("full", "width", "depth", "exits"):
         if name in stages:
             section[name] = _build(StageSpec, stages[name] or {}, f"{where}.stages.{name}")
             average = section[name].average
