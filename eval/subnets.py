@@ -1,5 +1,6 @@
 """nDCG@10 on TREC DL 2019 (BM25 top-100 reranked) of every (width, depth) sub-network and of every exit layer
-(all documents exiting there), with each one's FLOPs; ablation models as extra rows; a PNG of nDCG vs FLOPs.
+at every width (all documents exiting there: the first layers and an exit head, FastBERT's way of running half
+the depth), with each one's FLOPs; ablation models as extra rows; a PNG of nDCG vs FLOPs.
 
     python eval/subnets.py --model full=models/trec-dl-offline \
         --ablation no-rewiring=models/ablation-no-rewire --ablation labels-only=models/ablation-labels-only \
@@ -32,7 +33,7 @@ ABLATION_CONFIGS = ((1.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5))
 
 def score_queries(model, run, topics, collection, max_length: int, configs, exits: bool):
     """{config name: Run} and {config name: GFLOPs per query} for the (width, depth) configs, plus each exit
-    layer at full width when ``exits``."""
+    layer at every width of depth 1 when ``exits`` ("exit-3": full width, "w0.5-exit-3": width 0.5)."""
     runs: dict[str, dict] = {}
     gflops: dict[str, list[float]] = {}
     for qid in sorted(run):
@@ -43,7 +44,7 @@ def score_queries(model, run, topics, collection, max_length: int, configs, exit
         batch = model._pad(encoded)
         with torch.inference_mode():
             for width, depth in configs:
-                wanted = "all" if exits and (width, depth) == (1.0, 1.0) else None
+                wanted = "all" if exits and depth == 1.0 else None
                 out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=width,
                             depth=depth, exits=wanted)
                 name = f"w{width:g}-d{depth:g}"
@@ -52,11 +53,11 @@ def score_queries(model, run, topics, collection, max_length: int, configs, exit
                 for layer, scores in sorted(out.exit_scores.items()):
                     if layer == model.config.num_layers - 1:
                         continue   # the last exit is the final head
-                    exit_name = f"exit-{layer + 1}"
+                    exit_name = f"exit-{layer + 1}" if width == 1.0 else f"w{width:g}-exit-{layer + 1}"
                     runs.setdefault(exit_name, {})[qid] = dict(zip(docids, scores.float().tolist()))
                     fraction = (layer + 1) / model.config.num_layers
                     gflops.setdefault(exit_name, []).append(sum(
-                        (model.flops(1.0, 1.0, n) - model.head_flops()) * fraction + model.head_flops()
+                        (model.flops(width, 1.0, n) - model.head_flops()) * fraction + model.head_flops()
                         for n in lengths) / 1e9)
     return runs, {name: sum(values) / len(values) for name, values in gflops.items()}
 
@@ -126,9 +127,10 @@ def plot(rows, name: str, path: Path) -> None:
         points = sorted((r["gflops"], r["ndcg@10"]) for r in rows
                         if r["model"] == name and r["config"].endswith(f"-d{depth:g}"))
         axes.plot(*zip(*points), marker=marker, label=f"depth {depth:g}, widths 0.25–1")
-    exits = sorted((r["gflops"], r["ndcg@10"]) for r in rows if r["model"] == name and r["config"].startswith("exit"))
-    if exits:
-        axes.plot(*zip(*exits), marker="x", linestyle=":", label="exit after layer 1…5 (full width)")
+    for prefix, label in (("exit-", "full width"), ("w0.5-exit-", "width 0.5")):
+        exits = sorted((r["gflops"], r["ndcg@10"]) for r in rows if r["model"] == name and r["config"].startswith(prefix))
+        if exits:
+            axes.plot(*zip(*exits), marker="x", linestyle=":", label=f"exit after layer 1…5 ({label})")
     others = [r for r in rows if r["model"] != name]
     for r in others:
         axes.scatter(r["gflops"], r["ndcg@10"], marker=".", color="grey")
