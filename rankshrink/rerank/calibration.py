@@ -13,9 +13,9 @@ miss probability evenly over the exit layers a configuration runs (a union bound
 
 A head that does not rank gets no margin (stored as None: no document leaves there). Its scores barely
 spread, so the dev queries' gaps are all tiny and so is the margin, and on other queries top-k documents
-fall just outside it: on TREC DL 2019 the heads after layers 1–3 of the offline model cost the full network
-3 points this way, while on the dev queries their top 10 held 10–18% of the final top 10 (layers 4–5:
-76–90%).
+fall just outside it: on TREC DL 2019 the [CLS] heads after layers 1–3 of the offline model cost the full
+network 3 points this way, while on the dev queries their top 10 held 10–18% of the final top 10 (layers
+4–5: 76–90%). The model's "pair" exit heads rank from layer 2 on, so those get margins.
 
 >>> margins = calibrate_margins(layer_scores, final_scores)   # doctest: +SKIP
 >>> leaving(torch.tensor([5.0, 4.0, 3.0, -3.0]), top_k=2, margin=2.0)
