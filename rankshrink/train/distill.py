@@ -426,8 +426,7 @@ class Trainer:
         """nDCG@10 of each exit head of the full network on the held-out queries (every candidate exiting
         there), in bf16."""
         scorer = model.clone().to(torch.bfloat16).eval()
-        qrels = {group.qid: {docid: label for docid, label in zip(group.docids, group.labels) if label is not None}
-                 for group in groups}
+        qrels = _judged(groups)
         runs: dict[str, dict[str, dict[str, float]]] = {}
         with torch.inference_mode():
             for group in groups:
@@ -452,8 +451,7 @@ class Trainer:
                    configs: Sequence[tuple[float, float]] = DEV_CONFIGS) -> dict[str, float]:
         """nDCG@10 of reranking each held-out query's candidates, at each (width, depth), in bf16."""
         scorer = model.clone().to(torch.bfloat16).eval()
-        qrels = {group.qid: {docid: label for docid, label in zip(group.docids, group.labels) if label is not None}
-                 for group in groups}
+        qrels = _judged(groups)
         runs = {}
         for width, depth in configs:
             runs[f"{width}x{depth}"] = {
@@ -483,6 +481,11 @@ class Trainer:
         self.log(f"resuming from {self.checkpoint_dir} (done: {state['done']}"
                  + (f", {state['stage']} at step {state['step']}" if state.get("stage") else "") + ")")
         return state
+
+
+def _judged(groups: Sequence[TrainingGroup]) -> dict[str, dict[str, int]]:
+    return {group.qid: {docid: label for docid, label in zip(group.docids, group.labels) if label is not None}
+            for group in groups}
 
 
 def _with_sizes(model: DynamicCrossEncoder, widths, depths):
