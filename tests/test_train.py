@@ -16,7 +16,7 @@ from conftest import REPO, shared_path
 from rankshrink.data import Collection, write_run
 from rankshrink.errors import InputError
 from rankshrink.train import Trainer, build_groups, sample_list, train_recipe, train_spec_from_dict
-from rankshrink.train.losses import hidden_mse, listwise_ce, listwise_kl
+from rankshrink.train.losses import hidden_mse, list_offset, listwise_ce, listwise_kl
 from rankshrink.train.teacher import FusionTeacher, RunTeacher, Teacher, score_groups, teacher_from_spec
 from test_model_fixtures import PASSAGES, QUERIES, tiny_hf_cross_encoder
 
@@ -96,6 +96,10 @@ def test_losses():
     mask = torch.tensor([[1, 1, 0]])
     b[0, 2] = 100.0  # a padded position: ignored
     assert hidden_mse([a], [b], mask).item() == pytest.approx(1.0)
+    # the KL does not see a shifted list; the offset term does
+    assert listwise_kl(scores + 3.0, scores).item() == pytest.approx(0.0, abs=1e-6)
+    assert list_offset(scores + 3.0, scores).item() == pytest.approx(9.0)
+    assert list_offset(scores, scores).item() == 0.0
 
 
 class CountingTeacher(Teacher):

@@ -38,7 +38,7 @@ from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rew
 from .averaging import WeightAverage
 from .groups import TrainingGroup, build_groups, sample_list, split_queries
 from .pseudo import pseudo_queries
-from .losses import hidden_mse, listwise_ce, listwise_kl
+from .losses import hidden_mse, list_offset, listwise_ce, listwise_kl
 from .recipe import StageSpec, TrainSpec
 from .teacher import score_groups, teacher_from_spec
 
@@ -398,7 +398,8 @@ class Trainer:
     def _exit_losses(self, model: DynamicCrossEncoder, batch: dict[str, torch.Tensor], grades: torch.Tensor | None,
                      configs: Sequence[tuple[float, float]]) -> dict[str, torch.Tensor]:
         """FastBERT's self-distillation on the frozen network: in each configuration, every exit head learns
-        that configuration's final scores (and the graded labels, if weighted)."""
+        that configuration's final scores — their distribution over the list (KL) and their offset, so that
+        exited documents rank among the others on one scale — and the graded labels, if weighted."""
         weights = self.spec.losses
         parts: dict[str, torch.Tensor] = {}
         for width, depth in configs:
@@ -414,6 +415,8 @@ class Trainer:
             if weights.exit_kl:
                 parts["exit_kl"] = parts.get("exit_kl", 0) + weights.exit_kl * share * sum(
                     listwise_kl(score, final, weights.temperature) for score in exits)
+                parts["exit_offset"] = parts.get("exit_offset", 0) + weights.exit_kl * share * sum(
+                    list_offset(score, final) for score in exits)
             if weights.exit_labels_ce and grades is not None:
                 parts["exit_labels_ce"] = parts.get("exit_labels_ce", 0) + weights.exit_labels_ce * share * sum(
                     listwise_ce(score, grades, weights.label_temperature) for score in exits)

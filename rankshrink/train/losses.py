@@ -5,6 +5,9 @@
 - ``listwise_ce``: cross-entropy against the graded labels turned into a distribution (hard labels).
 - ``hidden_mse``: mean squared error between hidden states of matching layers (TinyBERT's
   intermediate-layer loss), ignoring padding.
+- ``list_offset``: the squared gap between two score lists' means. A listwise KL leaves a score's offset
+  free; exit heads also need the final head's, since the engine ranks exited documents by their exit
+  scores among the final scores of the rest.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 
 from ..model.rewire import listwise_kl
 
-__all__ = ["hidden_mse", "listwise_ce", "listwise_kl"]
+__all__ = ["hidden_mse", "list_offset", "listwise_ce", "listwise_kl"]
 
 
 def listwise_ce(scores: torch.Tensor, grades: torch.Tensor, label_temperature: float = 0.5) -> torch.Tensor:
@@ -36,3 +39,8 @@ def hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
     tokens = weight.sum() * student[0].shape[-1]
     total = sum(((s.float() - t.float()) ** 2 * weight).sum() / tokens for s, t in zip(student, teacher))
     return total / len(student)
+
+
+def list_offset(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(mean(scores) - mean(target))², per list (the last dimension), averaged over lists."""
+    return (scores.float().mean(-1) - target.float().mean(-1)).pow(2).mean()
