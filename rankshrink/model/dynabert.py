@@ -89,8 +89,7 @@ class ModelConfig:
             raise InputError(f"exit_layers {list(exit_layers)}: each must be a layer in 0..{self.num_layers - 2} "
                              f"(the last layer's exit is the final head)")
         object.__setattr__(self, "exit_layers", exit_layers)
-        if self.exit_pooling not in EXIT_POOLINGS:
-            raise InputError(f"exit_pooling {self.exit_pooling!r} is not supported; expected one of {list(EXIT_POOLINGS)}")
+        check_exit_pooling(self.exit_pooling)
         object.__setattr__(self, "widths", tuple(float(w) for w in self.widths))
         object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
 
@@ -358,6 +357,12 @@ class Layer(nn.Module):
 #         sentence-transformers), [CLS] is the same vector for every passage (std across 100 passages ~0.001),
 #         so a [CLS] exit head cannot rank there; the product term gives the head a bi-encoder's similarity.
 EXIT_POOLINGS = ("cls", "pair")
+
+
+def check_exit_pooling(pooling: Any) -> str:
+    if pooling not in EXIT_POOLINGS:
+        raise InputError(f"exit_pooling {pooling!r} is not supported; expected one of {list(EXIT_POOLINGS)}")
+    return pooling
 
 
 class RankingHead(nn.Module):
@@ -742,13 +747,10 @@ class DynamicCrossEncoder(nn.Module):
         return [name for name in expected if name not in given]
 
     def reset_exits_from_final_head(self) -> None:
-        """Initialise every [CLS] exit head as a copy of the final head (a starting point for
-        self-distillation); a "pair" head, whose pooler reads other features, gets the final head's classifier."""
+        """Initialise every exit head as a copy of the final head (a starting point for self-distillation;
+        [CLS] exit heads, the only kind a Hugging Face checkpoint loads with)."""
         for exit_head in self.exits.values():
-            if exit_head.pooling == self.head.pooling:
-                exit_head.load_state_dict(self.head.state_dict())
-            else:
-                exit_head.classifier.load_state_dict(self.head.classifier.state_dict())
+            exit_head.load_state_dict(self.head.state_dict())
 
     def new_exit_heads(self, pooling: str) -> None:
         """Replace every exit head by a freshly initialised one reading ``pooling`` (the backbone and the

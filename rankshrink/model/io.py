@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import InputError
-from .dynabert import EXIT_POOLINGS, DynamicCrossEncoder, ModelConfig
+from .dynabert import DynamicCrossEncoder, ModelConfig, check_exit_pooling
 
 HF_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -180,9 +180,10 @@ def _load_rankshrink_dir(directory: Path) -> DynamicCrossEncoder:
         if not isinstance(manifest.get(key), list):
             raise InputError(f"{where}: {key!r} must be a list, found {manifest.get(key)!r}")
     # Absent from models written before "pair" pooling existed, whose exit heads read [CLS].
-    exit_pooling = manifest.get("exit_pooling", "cls")
-    if exit_pooling not in EXIT_POOLINGS:
-        raise InputError(f"{where}: exit_pooling {exit_pooling!r} is not supported; expected one of {list(EXIT_POOLINGS)}")
+    try:
+        exit_pooling = check_exit_pooling(manifest.get("exit_pooling", "cls"))
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
     hf_config = _read_json(directory / HF_CONFIG)
     config = _config_from(hf_config, directory / HF_CONFIG, exit_layers=tuple(manifest["exit_layers"]),
                           widths=tuple(manifest["widths"]), depths=tuple(manifest["depths"]), exit_pooling=exit_pooling)

@@ -430,17 +430,15 @@ class Reranker:
                 if outcome.deadline_hit or last:
                     break
                 if margins and layer in margins:
-                    batches = self._exit(batches, outcome.scores, top_k, margins[layer], lengths)
+                    batches = self._exit(batches, outcome.scores, top_k, margins[layer], lengths, types)
         return outcome.finish(began)
 
     def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
         length = max(lengths[p] for p in group)
         input_ids = np.full((len(group), length), self.model.config.pad_token_id, dtype=np.int64)
-        token_types = np.zeros((len(group), length), dtype=np.int64)
         for row, position in enumerate(group):
             input_ids[row, :lengths[position]] = ids[position]
-            token_types[row, :lengths[position]] = types[position]
-        token_types = torch.from_numpy(token_types)
+        token_types = _token_types(group, types, lengths, length)
         hidden = self.model.embed(torch.from_numpy(input_ids), token_types)
         return _Batch(list(group), hidden, self._mask([lengths[p] for p in group], length), token_types)
 
@@ -451,7 +449,7 @@ class Reranker:
         return self.model.attention_mask_for(valid)
 
     def _exit(self, batches: list[_Batch], scores: torch.Tensor, top_k: int, margin: float,
-              lengths: list[int]) -> list[_Batch]:
+              lengths: list[int], types: list[list[int]]) -> list[_Batch]:
         """Drop the documents that leave; repack the rest (trim to the longest left, merge small batches)."""
         running = [doc for batch in batches for doc in batch.docs]
         leave = leaving(scores[torch.tensor(running)], top_k, margin)
@@ -467,23 +465,20 @@ class Reranker:
                 result.append(batches[sources[0]])
                 continue
             length = max(lengths[doc] for doc in group)
-            pieces, type_pieces = [], []
+            pieces = []
             for index in sources:
                 rows = [where[doc][1] for doc in group if where[doc][0] == index]
-                hidden, types = batches[index].hidden, batches[index].types
+                hidden = batches[index].hidden
                 if len(rows) != hidden.shape[0]:
-                    picked = torch.tensor(rows)
-                    hidden, types = hidden.index_select(0, picked), types.index_select(0, picked)
+                    hidden = hidden.index_select(0, torch.tensor(rows))
                 if hidden.shape[1] > length:
-                    hidden, types = hidden[:, :length], types[:, :length]
+                    hidden = hidden[:, :length]
                 elif hidden.shape[1] < length:
                     hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
-                    types = torch.nn.functional.pad(types, (0, length - types.shape[1]))
                 pieces.append(hidden)
-                type_pieces.append(types)
             hidden = pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces)
-            types = type_pieces[0] if len(type_pieces) == 1 else torch.cat(type_pieces)
-            result.append(_Batch(group, hidden, self._mask([lengths[doc] for doc in group], length), types))
+            result.append(_Batch(group, hidden, self._mask([lengths[doc] for doc in group], length),
+                                 _token_types(group, types, lengths, length)))
         return result
 
     # -- speed and load ----------------------------------------------------------------------------
@@ -606,6 +601,15 @@ def assemble(docids: Sequence[str], values: Sequence[float]) -> dict[str, float]
 
 # ---------------------------------------------------------------------------------------------
 # Checking input
+
+
+def _token_types(group: Sequence[int], types: Sequence[Sequence[int]], lengths: Sequence[int],
+                 length: int) -> torch.Tensor:
+    """[rows, length] token types of the pairs at ``group``'s positions, padded with 0."""
+    padded = np.zeros((len(group), length), dtype=np.int64)
+    for row, position in enumerate(group):
+        padded[row, :lengths[position]] = types[position]
+    return torch.from_numpy(padded)
 
 
 def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[str]:
