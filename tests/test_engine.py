@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,6 +68,19 @@ def test_exits_off_fp32_scores_equal_model_score_at_every_size(tiny, width, dept
                       batch_tokens=64).rerank("why is the sky blue", candidates, texts)
     assert torch.allclose(torch.tensor([result.scores[d] for d in order]), expected, atol=1e-5, rtol=0)
     assert len(result.stats.batch_sizes) == len(tiny.layers_for(depth))
+
+
+@pytest.mark.parametrize("depth", [0.5, 0.75])
+def test_a_prefix_depth_reranks_with_the_exit_head_it_ends_at(tiny, depth):
+    pair_exits(tiny)
+    tiny.config = replace(tiny.config, depth_layers="prefix")
+    candidates, texts = candidates_and_texts(12)
+    order = [docid for docid, _ in trec_order(candidates)]
+    expected = tiny.score("why is the sky blue", [texts[d] for d in order], depth=depth, max_length=32)
+    result = Reranker(tiny, depth=depth, max_length=32, exits=False, dtype="fp32",
+                      batch_tokens=64).rerank("why is the sky blue", candidates, texts)
+    assert torch.allclose(torch.tensor([result.scores[d] for d in order]), expected, atol=1e-5, rtol=0)
+    assert expected.std() > 0.1 and len(result.stats.batch_sizes) == len(tiny.layers_for(depth)) < tiny.config.num_layers
 
 
 def test_texts_may_be_a_list_in_first_stage_order(tiny):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -211,6 +212,34 @@ def test_a_manifest_without_exit_pooling_reads_cls_heads_and_a_bad_one_is_named(
     (tmp_path / "cls" / "rankshrink.json").write_text(json.dumps({**manifest, "exit_pooling": "max"}))
     with pytest.raises(InputError, match=r"rankshrink.json: exit_pooling 'max' is not supported"):
         load_quietly(tmp_path / "cls")
+
+
+def test_a_prefix_depth_runs_the_first_layers_and_ends_at_their_exit_head(tiny_dir, tmp_path):
+    model = pair_exits(load_quietly(tiny_dir))
+    model.config = replace(model.config, depth_layers="prefix")
+    assert [model.layers_for(d) for d in (0.5, 0.75, 1.0)] == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    batch = model.tokenize(*pairs(6))
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    with torch.no_grad():
+        full = model(*inputs, exits="all")
+        assert torch.equal(model(*inputs, depth=0.5).score, full.exit_scores[1])
+        assert torch.equal(model(*inputs, depth=0.75).score, full.exit_scores[2])
+        assert torch.equal(model(*inputs, exits=[3]).exit_scores[3], full.score)     # depth 1: the final head
+    assert full.exit_scores[1].std() > 0.1
+    save_model(model, tmp_path / "prefix")
+    loaded = load_quietly(tmp_path / "prefix")
+    assert loaded.config.depth_layers == "prefix"
+    assert torch.equal(loaded.score(*pairs(6), depth=0.5), model.score(*pairs(6), depth=0.5))
+    assert torch.equal(loaded.subnetwork(0.5, 1.0).score(*pairs(6)), model.score(*pairs(6), width=0.5))
+    with pytest.raises(InputError, match=r"depth 0.5 of this model ends at the exit head after layer 1"):
+        model.subnetwork(1.0, 0.5)
+    manifest = json.loads((tmp_path / "prefix" / "rankshrink.json").read_text())
+    (tmp_path / "prefix" / "rankshrink.json").write_text(json.dumps({**manifest, "depth_layers": "first"}))
+    with pytest.raises(InputError, match=r"rankshrink.json: depth_layers 'first' is not supported"):
+        load_quietly(tmp_path / "prefix")
+    del manifest["depth_layers"]                             # as models written before prefix depths
+    (tmp_path / "prefix" / "rankshrink.json").write_text(json.dumps(manifest))
+    assert load_quietly(tmp_path / "prefix").layers_for(0.5) == [0, 2]
 
 
 def test_building_blocks_on_a_shrinking_batch_match_forward(tiny_dir):

@@ -255,6 +255,10 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     ({"stages": {"full": {"average": 1.0}}}, r"train.stages.full.average: a decay in \[0, 1\)"),
     ({"stages": {"exits": {"steps": 2, "pooling": "max"}}}, r"train.stages.exits.pooling: expected one of"),
     ({"exit_pooling": "pair"}, "exit_pooling belongs to the exits stage"),
+    ({"depth_layers": "prefix"}, "depth_layers belongs to the depth stage"),
+    ({"stages": {"depth": {"layers": "first"}}}, r"train.stages.depth.layers: expected one of \['spread', 'prefix'\]"),
+    ({"stages": {"depth": {"pooling": "pair"}}}, "train.stages.depth.pooling: only with layers: prefix"),
+    ({"stages": {"depth": {"layers": "prefix"}, "exits": {"steps": 2}}}, "an exits stage would replace them"),
 ])
 def test_recipe_errors_name_the_key(tiny_data, change, message):
     section = tiny_section(tiny_data)
@@ -403,6 +407,28 @@ def test_the_exits_stage_trains_new_exit_heads_on_the_frozen_network_and_reruns_
     fresh = train({**again, "output": str(d / "fresh"), "cache": str(d / "c-fresh")})
     assert all(torch.equal(rerun[name], fresh[name]) for name in fresh)
     assert not torch.equal(rerun["exits.0.pooler.weight"], trained["exits.0.pooler.weight"])
+
+
+def test_a_prefix_depth_stage_trains_fresh_pair_heads_with_the_network_on_the_final_scale(tiny_data):
+    from rankshrink import load_model
+
+    d = tiny_data["dir"]
+    section = tiny_section(tiny_data)
+    spread_spec = train_spec_from_dict(section)
+    stages = {**section["stages"], "depth": {**section["stages"]["depth"], "layers": "prefix"}}
+    spec = train_spec_from_dict(tiny_section(tiny_data, stages=stages))
+    assert (spec.depth_layers, spec.exit_pooling) == ("prefix", "pair")
+    # the heads are trained with the network, so their pooling keys the network's checkpoints
+    with_cls = train_spec_from_dict(tiny_section(tiny_data, stages={**stages, "depth": {**stages["depth"], "pooling": "cls"}}))
+    assert len({Trainer(s, progress=False).fingerprint for s in (spread_spec, spec, with_cls)}) == 3
+    Trainer(spec, progress=False, log=lambda message: None).run()
+    model = load_model(d / "out")
+    assert model.config.depth_layers == "prefix" and model.config.exit_pooling == "pair"
+    assert model.layers_for(0.5) == [0, 1]
+    lines = [json.loads(line) for line in (d / "cache" / "logs" / "depth.jsonl").read_text().splitlines()]
+    assert all({"inplace_offset", "exit_kl", "exit_offset"} <= set(line) for line in lines)
+    for head in model.exits.values():   # fresh pair heads (the base's are [CLS] copies of its final head), trained
+        assert head.pooler.in_features == 3 * 32 and float(head.classifier.bias.abs().max()) > 0
 
 
 def test_offline_recipe_smoke_run(tmp_path):

@@ -13,6 +13,9 @@ DynaBERT's network (Hou et al., 2020) with FastBERT / DeeBERT exits, built for r
 * the **final head** (the cross-encoder's own pooler + classifier) scores after the last *executed*
   layer at every depth, as DynaBERT shares its classifier. **Exit head** l scores after physical layer
   l; the exit of the last physical layer is the final head itself.
+* ``depth_layers="prefix"`` (a model's choice, recorded in rankshrink.json) keeps the *first* ⌈d·L⌉ layers
+  instead, and a depth below 1 scores with the exit head after its last layer: a depth sub-network is then
+  the full network stopped early, the same computation as every document exiting there.
 
 The engine runs the building blocks itself (``embed``, ``layers_for``, ``run_layer``, ``exit_score``,
 ``final_score``) on batches that shrink as passages exit; ``forward`` strings them together for training.
@@ -75,6 +78,8 @@ class ModelConfig:
     exit_layers: tuple[int, ...] | None = None
     # What an exit head reads (EXIT_POOLINGS); the final head is always BERT's [CLS] pooler.
     exit_pooling: str = "cls"
+    # Which layers a depth keeps (DEPTH_LAYERS): DynaBERT's evenly spread ones, or the first ones.
+    depth_layers: str = "spread"
     # The settings the network is trained for (recorded in rankshrink.json; any value in (0, 1] runs).
     widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     depths: tuple[float, ...] = (0.5, 0.75, 1.0)
@@ -90,6 +95,7 @@ class ModelConfig:
                              f"(the last layer's exit is the final head)")
         object.__setattr__(self, "exit_layers", exit_layers)
         check_exit_pooling(self.exit_pooling)
+        check_depth_layers(self.depth_layers)
         object.__setattr__(self, "widths", tuple(float(w) for w in self.widths))
         object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
 
@@ -151,9 +157,12 @@ class ModelConfig:
         return max(1, math.ceil(_check_multiplier(width, "width") * self.intermediate_size - _EPS))
 
     def layers_for(self, depth: float) -> list[int]:
-        """Physical layers run at ``depth``: ⌈depth · L⌉ of them, kept layer i being ⌊i / depth⌋ (DynaBERT)."""
+        """Physical layers run at ``depth``: ⌈depth · L⌉ of them, kept layer i being ⌊i / depth⌋ (DynaBERT), or
+        the first ones (``depth_layers="prefix"``)."""
         depth = _check_multiplier(depth, "depth")
         kept = max(1, math.ceil(depth * self.num_layers - _EPS))
+        if self.depth_layers == "prefix":
+            return list(range(kept))
         return [min(self.num_layers - 1, math.floor(i / depth + _EPS)) for i in range(kept)]
 
 
@@ -357,12 +366,19 @@ class Layer(nn.Module):
 #         sentence-transformers), [CLS] is the same vector for every passage (std across 100 passages ~0.001),
 #         so a [CLS] exit head cannot rank there; the product term gives the head a bi-encoder's similarity.
 EXIT_POOLINGS = ("cls", "pair")
+DEPTH_LAYERS = ("spread", "prefix")
 
 
 def check_exit_pooling(pooling: Any) -> str:
     if pooling not in EXIT_POOLINGS:
         raise InputError(f"exit_pooling {pooling!r} is not supported; expected one of {list(EXIT_POOLINGS)}")
     return pooling
+
+
+def check_depth_layers(rule: Any) -> str:
+    if rule not in DEPTH_LAYERS:
+        raise InputError(f"depth_layers {rule!r} is not supported; expected one of {list(DEPTH_LAYERS)}")
+    return rule
 
 
 class RankingHead(nn.Module):
@@ -523,7 +539,15 @@ class DynamicCrossEncoder(nn.Module):
         return self.exits[str(index)](hidden, attention_mask, token_type_ids)
 
     def final_score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The cross-encoder's own head, applied after the last executed layer at any depth ([batch])."""
+        """The cross-encoder's own head ([batch])."""
+        return self.head(hidden)
+
+    def last_score(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The score after physical layer ``index``, the last one a depth runs: the final head at every depth
+        of a "spread" model (DynaBERT shares its classifier), the exit head there in a "prefix" model."""
+        if self.config.depth_layers == "prefix":
+            return self.exit_score(index, hidden, attention_mask, token_type_ids)
         return self.head(hidden)
 
     def has_exit(self, index: int) -> bool:
@@ -565,7 +589,8 @@ class DynamicCrossEncoder(nn.Module):
                 hidden_states.append(hidden)
             if index in wanted:
                 exit_scores[index] = self.exit_score(index, hidden, mask, token_type_ids)
-        return RankerOutput(self.final_score(hidden), exit_scores, hidden_states, layers)
+        return RankerOutput(self.last_score(layers[-1], hidden, mask, token_type_ids), exit_scores, hidden_states,
+                            layers)
 
     # -- text in, scores out --------------------------------------------------------------------
 
@@ -641,6 +666,9 @@ class DynamicCrossEncoder(nn.Module):
         layers, contiguous weights. At width 1 and depth 1 it is the whole network. Its scores equal this
         model's at (``width``, ``depth``); its exit heads are those of the kept layers, renumbered."""
         layers = self.layers_for(depth)
+        if layers[-1] != self.config.num_layers - 1 and self.config.depth_layers == "prefix":
+            raise InputError(f"depth {depth} of this model ends at the exit head after layer {layers[-1]}, which a "
+                             f"standalone network (a plain BERT's [CLS] head) cannot hold; take depth 1")
         heads, neurons, size = self.heads_for(width), self.neurons_for(width), self.config.head_size
         exit_layers = tuple(new for new, old in enumerate(layers[:-1]) if str(old) in self.exits)
         config = replace(self.config, num_layers=len(layers), num_heads=heads, intermediate_size=neurons,

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import InputError
-from .dynabert import DynamicCrossEncoder, ModelConfig, check_exit_pooling
+from .dynabert import DynamicCrossEncoder, ModelConfig, check_depth_layers, check_exit_pooling
 
 HF_CONFIG = "config.json"
 BACKBONE_WEIGHTS = "model.safetensors"
@@ -179,14 +179,16 @@ def _load_rankshrink_dir(directory: Path) -> DynamicCrossEncoder:
     for key in ("exit_layers", "widths", "depths"):
         if not isinstance(manifest.get(key), list):
             raise InputError(f"{where}: {key!r} must be a list, found {manifest.get(key)!r}")
-    # Absent from models written before "pair" pooling existed, whose exit heads read [CLS].
+    # Absent from models written before "pair" pooling and "prefix" depths existed: [CLS] exits, spread layers.
     try:
         exit_pooling = check_exit_pooling(manifest.get("exit_pooling", "cls"))
+        depth_layers = check_depth_layers(manifest.get("depth_layers", "spread"))
     except InputError as error:
         raise InputError(f"{where}: {error}") from None
     hf_config = _read_json(directory / HF_CONFIG)
     config = _config_from(hf_config, directory / HF_CONFIG, exit_layers=tuple(manifest["exit_layers"]),
-                          widths=tuple(manifest["widths"]), depths=tuple(manifest["depths"]), exit_pooling=exit_pooling)
+                          widths=tuple(manifest["widths"]), depths=tuple(manifest["depths"]), exit_pooling=exit_pooling,
+                          depth_layers=depth_layers)
     model = DynamicCrossEncoder.blank(config, tokenizer=_load_tokenizer(directory, required=True))
     tensors, source = _read_backbone(directory)
     model.load_hf_weights(tensors, source)
@@ -294,6 +296,7 @@ def manifest_of(model: DynamicCrossEncoder) -> dict[str, Any]:
         # Written out so a reader sees the rounding rules without running code:
         "heads_at_width": {str(w): model.heads_for(w) for w in config.widths},
         "neurons_at_width": {str(w): model.neurons_for(w) for w in config.widths},
+        "depth_layers": config.depth_layers,
         "layers_at_depth": {str(d): model.layers_for(d) for d in config.depths},
         "exit_layers": list(config.exit_layers),
         "exit_pooling": config.exit_pooling,

@@ -412,8 +412,8 @@ class Reranker:
                     batch.hidden = model.run_layer(layer, batch.hidden, batch.mask, config.width)
                     rows = torch.tensor(batch.docs)
                     if head:
-                        scores = model.final_score(batch.hidden) if last else \
-                            model.exit_score(layer, batch.hidden, batch.mask, batch.types)
+                        scores = (model.last_score if last else model.exit_score)(layer, batch.hidden, batch.mask,
+                                                                                  batch.types)
                         outcome.scores[rows] = scores.float()
                         if record and not last:
                             outcome.layer_scores.setdefault(layer, torch.full((len(passages),), math.nan))[rows] = \

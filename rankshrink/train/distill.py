@@ -11,6 +11,9 @@
    listwise KL) and hidden states (MSE, TinyBERT's intermediate-layer loss).
 4. **depth** (DynaBERT stage 2): the same over widths × depths, plus FastBERT's self-distillation: every
    exit head learns the final layer's scores of the sub-network it runs in, so all layers share one scale.
+   With ``depth_layers: prefix`` a depth below 1 is the first layers and ends at an exit head: the stage
+   starts fresh heads reading ``exit_pooling`` and trains them with the network, matching each list's mean
+   as well (heads and depths are then on the final head's scale); no exits stage follows.
 5. **exits** (FastBERT, optional): fresh exit heads reading ``exit_pooling`` learn the same on the frozen
    network. Its checkpoints are keyed by the network's stages only, so changing this stage does not
    retrain the network.
@@ -25,7 +28,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from .teacher import score_groups, teacher_from_spec
 
 STAGES = ("full", "rewire", "width", "depth", "exits")
 EXIT_STAGE_KEYS = ("exits", "exit_pooling")   # what the exits stage reads and the network's stages do not
+HEAD_LR_SCALE = 10
 DEV_CONFIGS = ((1.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5))
 
 
@@ -53,7 +57,11 @@ class Trainer:
     def __init__(self, spec: TrainSpec, progress: bool = True, log: Callable[[str], None] = print):
         self.spec, self.progress, self.log = spec, progress, log
         recipe = asdict(spec)
-        self.fingerprint = json_digest({key: value for key, value in recipe.items() if key not in EXIT_STAGE_KEYS}, 16)
+        if spec.depth_layers == "spread":   # the default leaves out: recipes keep the fingerprints they had before it
+            del recipe["depth_layers"]
+        # A prefix depth stage trains the exit heads with the network: then exit_pooling is the network's too.
+        apart = EXIT_STAGE_KEYS if spec.depth_layers == "spread" else ("exits",)
+        self.fingerprint = json_digest({key: value for key, value in recipe.items() if key not in apart}, 16)
         self.recipe_fingerprint = json_digest(recipe, 16)
         self.cache = Path(spec.cache)
         self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint
@@ -168,7 +176,8 @@ class Trainer:
         train, held_out = self.load_data()
         state = self._read_checkpoint()
         model = load_model(state["model_dir"] if state else self.spec.base)
-        model.config = _with_sizes(model, self.spec.widths, self.spec.depths)
+        model.config = replace(model.config, widths=tuple(self.spec.widths), depths=tuple(self.spec.depths),
+                               depth_layers=self.spec.depth_layers)
         done = self.done = set(state["done"]) if state else set()
         if state and state.get("recipe") != self.recipe_fingerprint:   # the exits stage changed: run it again
             done.discard("exits")
@@ -244,7 +253,8 @@ class Trainer:
         spec = self.spec
         rng = random.Random(f"{spec.seed}-{stage}")
         torch.manual_seed(rng.randrange(2**31))  # dropout: the same whether or not earlier stages ran in this process
-        if stage == "exits" and not resume:
+        fresh_heads = stage == "exits" or (stage == "depth" and spec.depth_layers == "prefix")
+        if fresh_heads and not resume:
             model.new_exit_heads(spec.exit_pooling)
         for parameter in model.parameters():
             parameter.requires_grad_(stage != "exits")
@@ -253,7 +263,13 @@ class Trainer:
         if spec.freeze_word_embeddings:
             model.embeddings.word.weight.requires_grad_(False)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=stage_spec.lr, weight_decay=0.01)
+        parameter_groups: list = trainable
+        if fresh_heads and stage != "exits":
+            # Fresh heads beside a trained network learn faster than it: else their first, random scores steer it.
+            heads = {id(p) for p in model.exits.parameters()}
+            parameter_groups = [{"params": [p for p in trainable if id(p) not in heads]},
+                                {"params": [p for p in trainable if id(p) in heads], "lr": stage_spec.lr * HEAD_LR_SCALE}]
+        optimizer = torch.optim.AdamW(parameter_groups, lr=stage_spec.lr, weight_decay=0.01)
         warmup = max(1, int(stage_spec.warmup * stage_spec.steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / stage_spec.steps))
@@ -349,6 +365,8 @@ class Trainer:
         teacher = None if group.teacher is None else torch.as_tensor(group.teacher[chosen])
         grades = None if group.labels is None else torch.as_tensor(group.graded_labels()[chosen])
         with_exits = stage == "depth"
+        # A prefix model's heads are its exits for good (no exits stage follows): they learn the final scale too.
+        on_exit_scale = with_exits and self.spec.depth_layers == "prefix"
         with_hidden = stage in ("width", "depth") and weights.hidden_mse > 0
         parts: dict[str, torch.Tensor] = {}
 
@@ -376,6 +394,8 @@ class Trainer:
             else:  # sub-networks learn from the full network (in place, or the frozen reference)
                 target = full.score.detach()
                 add("inplace_kl", weights.inplace_kl, lambda: listwise_kl(out.score, target, temperature))
+                if on_exit_scale and out.layers[-1] != model.config.num_layers - 1:   # it ends at an exit head
+                    add("inplace_offset", weights.inplace_kl, lambda: list_offset(out.score, target))
                 if with_hidden:
                     add("hidden_mse", weights.hidden_mse,
                         lambda: hidden_mse(out.hidden_states[1:], _matching_states(full, out), batch["attention_mask"]))
@@ -387,6 +407,9 @@ class Trainer:
                 add("exit_kl", weights.exit_kl / len(configs),
                     lambda: sum(listwise_kl(s, final, temperature) for s in out.exit_scores.values())
                     / len(out.exit_scores))
+                if on_exit_scale:
+                    add("exit_offset", weights.exit_kl / len(configs),
+                        lambda: sum(list_offset(s, final) for s in out.exit_scores.values()) / len(out.exit_scores))
                 if grades is not None:
                     add("exit_labels_ce", weights.exit_labels_ce / len(configs),
                         lambda: sum(listwise_ce(s, grades, weights.label_temperature) for s in out.exit_scores.values())
@@ -489,12 +512,6 @@ class Trainer:
 def _judged(groups: Sequence[TrainingGroup]) -> dict[str, dict[str, int]]:
     return {group.qid: {docid: label for docid, label in zip(group.docids, group.labels) if label is not None}
             for group in groups}
-
-
-def _with_sizes(model: DynamicCrossEncoder, widths, depths):
-    from dataclasses import replace
-
-    return replace(model.config, widths=tuple(widths), depths=tuple(depths))
 
 
 def _matching_states(full, sub) -> list[torch.Tensor]:

@@ -142,6 +142,9 @@ class TrainSpec:
     # heads stay as the depth stage trained them, along with the network).
     exits: StageSpec = StageSpec()
     exit_pooling: str = "cls"
+    # Which layers a depth keeps (model.dynabert.DEPTH_LAYERS). "prefix": the depth stage starts fresh exit heads
+    # reading exit_pooling and trains them with the network, as each depth below 1 ends at one of them.
+    depth_layers: str = "spread"
     widths: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     depths: tuple[float, ...] = (0.5, 0.75, 1.0)
     smoke: dict[str, int] = field(default_factory=lambda: {"queries": 4, "candidates": 16, "steps": 3})
@@ -231,14 +234,33 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected full, rewire, width, depth, exits")
     if "exit_pooling" in section:
         raise InputError(f"{where}: exit_pooling belongs to the exits stage (stages: {{exits: {{pooling: ...}}}})")
-    if "exits" in stages:
-        from ..model.dynabert import EXIT_POOLINGS   # here: reading a recipe does not otherwise need torch
+    if "depth_layers" in section:
+        raise InputError(f"{where}: depth_layers belongs to the depth stage (stages: {{depth: {{layers: ...}}}})")
+    from ..model.dynabert import DEPTH_LAYERS, EXIT_POOLINGS   # here: reading a recipe does not otherwise need torch
 
-        exits = dict(stages["exits"] or {})
-        pooling = exits.pop("pooling", "pair")
+    def pooling_of(stage: dict, name: str) -> str:
+        pooling = stage.pop("pooling", "pair")
         if pooling not in EXIT_POOLINGS:
-            raise InputError(f"{where}.stages.exits.pooling: expected one of {list(EXIT_POOLINGS)}, got {pooling!r}")
-        section["exit_pooling"], stages["exits"] = pooling, exits
+            raise InputError(f"{where}.stages.{name}.pooling: expected one of {list(EXIT_POOLINGS)}, got {pooling!r}")
+        return pooling
+
+    depth = dict(stages.get("depth") or {})
+    layers = depth.pop("layers", "spread")
+    if layers not in DEPTH_LAYERS:
+        raise InputError(f"{where}.stages.depth.layers: expected one of {list(DEPTH_LAYERS)}, got {layers!r}")
+    if layers == "prefix":
+        if "exits" in stages:
+            raise InputError(f"{where}.stages: with depth layers: prefix, every depth ends at an exit head that the "
+                             f"depth stage trains with the network; an exits stage would replace them (remove it)")
+        section["exit_pooling"], section["depth_layers"] = pooling_of(depth, "depth"), layers
+    elif "pooling" in depth:
+        raise InputError(f"{where}.stages.depth.pooling: only with layers: prefix (else the exits stage's pooling)")
+    if "depth" in stages:
+        stages["depth"] = depth
+    if "exits" in stages:
+        exits = dict(stages["exits"] or {})
+        section["exit_pooling"] = pooling_of(exits, "exits")
+        stages["exits"] = exits
     for name in ("full", "width", "depth", "exits"):
         if name in stages:
             section[name] = _build(StageSpec, stages[name] or {}, f"{where}.stages.{name}")
