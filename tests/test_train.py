@@ -431,6 +431,19 @@ def test_a_prefix_depth_stage_trains_fresh_pair_heads_with_the_network_on_the_fi
         assert head.pooler.in_features == 3 * 32 and float(head.classifier.bias.abs().max()) > 0
 
 
+def test_a_sub_network_matches_the_hidden_states_of_what_its_layers_feed():
+    from rankshrink.model.dynabert import RankerOutput
+    from rankshrink.train.distill import _matching_states
+
+    states = [torch.full((1, 2, 3), float(i)) for i in range(7)]   # the embeddings, then layers 0-5
+    full = RankerOutput(torch.zeros(1), hidden_states=states, layers=list(range(6)))
+    matched = lambda sub, final: [int(s[0, 0, 0]) for s in _matching_states(full, sub, ends_at_final_head=final)]  # noqa: E731
+    # DynaBERT's depth 0.5 feeds the final head from layer 4: that state matches the full network's last
+    assert matched(RankerOutput(torch.zeros(1), layers=[0, 2, 4]), True) == [1, 3, 6]
+    # a prefix depth's layer 2 feeds its exit head and, in the full network, layer 3: it matches its own state
+    assert matched(RankerOutput(torch.zeros(1), layers=[0, 1, 2]), False) == [1, 2, 3]
+
+
 def test_offline_recipe_smoke_run(tmp_path):
     shared_path("trec-dl", "dl21")
     result = subprocess.run(

@@ -397,8 +397,9 @@ class Trainer:
                 if on_exit_scale and out.layers[-1] != model.config.num_layers - 1:   # it ends at an exit head
                     add("inplace_offset", weights.inplace_kl, lambda: list_offset(out.score, target))
                 if with_hidden:
+                    matching = _matching_states(full, out, ends_at_final_head=model.config.depth_layers == "spread")
                     add("hidden_mse", weights.hidden_mse,
-                        lambda: hidden_mse(out.hidden_states[1:], _matching_states(full, out), batch["attention_mask"]))
+                        lambda: hidden_mse(out.hidden_states[1:], matching, batch["attention_mask"]))
                 if grades is not None:
                     add("sub_labels_ce", weights.sub_labels_ce,
                         lambda: listwise_ce(out.score, grades, weights.label_temperature))
@@ -514,12 +515,14 @@ def _judged(groups: Sequence[TrainingGroup]) -> dict[str, dict[str, int]]:
             for group in groups}
 
 
-def _matching_states(full, sub) -> list[torch.Tensor]:
+def _matching_states(full, sub, ends_at_final_head: bool) -> list[torch.Tensor]:
     """The full network's hidden states the sub-network's layers should match: the same physical layer,
-    except the sub-network's last layer, which matches the full network's last (both feed the final head)."""
+    except, when both feed the final head, the sub-network's last layer, which matches the full network's last.
+    (A prefix depth's last layer feeds its exit head and the next layer of the full network: its own state.)"""
     full_by_layer = {layer: state for layer, state in zip(full.layers, full.hidden_states[1:])}
     states = [full_by_layer[layer].detach() for layer in sub.layers]
-    states[-1] = full.hidden_states[-1].detach()
+    if ends_at_final_head:
+        states[-1] = full.hidden_states[-1].detach()
     return states
 
 
