@@ -165,6 +165,10 @@ class ModelConfig:
             return list(range(kept))
         return [min(self.num_layers - 1, math.floor(i / depth + _EPS)) for i in range(kept)]
 
+    def ends_at_exit_head(self, depth: float) -> bool:
+        """Whether ``depth`` scores with an exit head (a prefix depth short of the last layer), not the final head."""
+        return self.depth_layers == "prefix" and self.layers_for(depth)[-1] != self.num_layers - 1
+
 
 def _check_multiplier(value: float, name: str) -> float:
     value = float(value)
@@ -666,7 +670,7 @@ class DynamicCrossEncoder(nn.Module):
         layers, contiguous weights. At width 1 and depth 1 it is the whole network. Its scores equal this
         model's at (``width``, ``depth``); its exit heads are those of the kept layers, renumbered."""
         layers = self.layers_for(depth)
-        if layers[-1] != self.config.num_layers - 1 and self.config.depth_layers == "prefix":
+        if self.config.ends_at_exit_head(depth):
             raise InputError(f"depth {depth} of this model ends at the exit head after layer {layers[-1]}, which a "
                              f"standalone network (a plain BERT's [CLS] head) cannot hold; take depth 1")
         heads, neurons, size = self.heads_for(width), self.neurons_for(width), self.config.head_size

@@ -59,8 +59,9 @@ class Trainer:
         recipe = asdict(spec)
         if spec.depth_layers == "spread":   # the default leaves out: recipes keep the fingerprints they had before it
             del recipe["depth_layers"]
-        # A prefix depth stage trains the exit heads with the network: then exit_pooling is the network's too.
-        apart = EXIT_STAGE_KEYS if spec.depth_layers == "spread" else ("exits",)
+            apart = EXIT_STAGE_KEYS
+        else:   # a prefix depth stage trains the exit heads with the network: exit_pooling is the network's too
+            apart = ("exits",)
         self.fingerprint = json_digest({key: value for key, value in recipe.items() if key not in apart}, 16)
         self.recipe_fingerprint = json_digest(recipe, 16)
         self.cache = Path(spec.cache)
@@ -253,8 +254,8 @@ class Trainer:
         spec = self.spec
         rng = random.Random(f"{spec.seed}-{stage}")
         torch.manual_seed(rng.randrange(2**31))  # dropout: the same whether or not earlier stages ran in this process
-        fresh_heads = stage == "exits" or (stage == "depth" and spec.depth_layers == "prefix")
-        if fresh_heads and not resume:
+        with_network = stage == "depth" and spec.depth_layers == "prefix"   # heads trained beside the network
+        if (stage == "exits" or with_network) and not resume:
             model.new_exit_heads(spec.exit_pooling)
         for parameter in model.parameters():
             parameter.requires_grad_(stage != "exits")
@@ -264,11 +265,12 @@ class Trainer:
             model.embeddings.word.weight.requires_grad_(False)
         trainable = [p for p in model.parameters() if p.requires_grad]
         parameter_groups: list = trainable
-        if fresh_heads and stage != "exits":
+        if with_network:
             # Fresh heads beside a trained network learn faster than it: else their first, random scores steer it.
             heads = {id(p) for p in model.exits.parameters()}
             parameter_groups = [{"params": [p for p in trainable if id(p) not in heads]},
-                                {"params": [p for p in trainable if id(p) in heads], "lr": stage_spec.lr * HEAD_LR_SCALE}]
+                                {"params": [p for p in trainable if id(p) in heads],
+                                 "lr": stage_spec.lr * HEAD_LR_SCALE}]
         optimizer = torch.optim.AdamW(parameter_groups, lr=stage_spec.lr, weight_decay=0.01)
         warmup = max(1, int(stage_spec.warmup * stage_spec.steps))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -394,10 +396,11 @@ class Trainer:
             else:  # sub-networks learn from the full network (in place, or the frozen reference)
                 target = full.score.detach()
                 add("inplace_kl", weights.inplace_kl, lambda: listwise_kl(out.score, target, temperature))
-                if on_exit_scale and out.layers[-1] != model.config.num_layers - 1:   # it ends at an exit head
+                ends_at_exit_head = model.config.ends_at_exit_head(depth)
+                if ends_at_exit_head:
                     add("inplace_offset", weights.inplace_kl, lambda: list_offset(out.score, target))
                 if with_hidden:
-                    matching = _matching_states(full, out, ends_at_final_head=model.config.depth_layers == "spread")
+                    matching = _matching_states(full, out, ends_at_final_head=not ends_at_exit_head)
                     add("hidden_mse", weights.hidden_mse,
                         lambda: hidden_mse(out.hidden_states[1:], matching, batch["attention_mask"]))
                 if grades is not None:
@@ -518,7 +521,7 @@ def _judged(groups: Sequence[TrainingGroup]) -> dict[str, dict[str, int]]:
 def _matching_states(full, sub, ends_at_final_head: bool) -> list[torch.Tensor]:
     """The full network's hidden states the sub-network's layers should match: the same physical layer,
     except, when both feed the final head, the sub-network's last layer, which matches the full network's last.
-    (A prefix depth's last layer feeds its exit head and the next layer of the full network: its own state.)"""
+    (A prefix depth's last layer feeds its exit head and the full network's next layer: its own state.)"""
     full_by_layer = {layer: state for layer, state in zip(full.layers, full.hidden_states[1:])}
     states = [full_by_layer[layer].detach() for layer in sub.layers]
     if ends_at_final_head:
