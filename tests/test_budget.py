@@ -19,7 +19,7 @@ from rankshrink.model import save_model
 from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
 from rankshrink.rerank.budget import does_at_least, nested_ladder, pareto_frontier
 from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
-from rankshrink.rerank.profiling import profile, save_profile, simulate
+from rankshrink.rerank.profiling import profile, save_profile, simulate, simulate_cascade
 from test_engine import candidates_and_texts, with_margins
 from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
@@ -104,6 +104,43 @@ def test_cost_model_recovers_the_costs_of_exact_timings():
         pytest.approx(samples[0][2], rel=1e-3)
 
 
+def test_the_cost_model_prices_a_cascades_first_pass_at_its_own_width():
+    rng = random.Random(1)
+    per_gflop = {0.25: 9.0, 1.0: 3.0}
+    samples = []
+    for index in range(40):
+        work = {"calls": 1, "pairs": 100, "tokens": 9000, "steps": 20, "heads": 0, "gflops": rng.uniform(5, 200)}
+        if index % 2:
+            work.update(prune_gflops=rng.uniform(5, 20), prune_width=0.25)
+        else:
+            work["gflops"] /= 4   # a narrow rerank of its own, so both widths are seen alone too
+        width = 1.0 if index % 2 else 0.25
+        ms = 1.0 + per_gflop[width] * work["gflops"] + per_gflop[0.25] * work.get("prune_gflops", 0.0)
+        samples.append((work, width, ms))
+    model = CostModel.fit(samples)
+    assert model.ms_per_gflop == pytest.approx(per_gflop, rel=1e-3)
+    work, width, ms = samples[1]
+    assert model.predict(work, width) == pytest.approx(ms, rel=1e-3)
+    assert model.predict({**work, "prune_gflops": 0.0}, width) == pytest.approx(ms - 9.0 * work["prune_gflops"],
+                                                                                rel=1e-3)
+
+
+def test_a_cascade_is_a_knob_of_the_configuration():
+    cascade = RerankConfig(1.0, 1.0, 128, 100, None, keep=20)
+    assert cascade.reranked == 20 and "keep 20" in cascade.label()
+    assert RerankConfig.from_dict(json.loads(json.dumps(cascade.as_dict()))) == cascade
+    assert RerankConfig.from_dict({"width": 0.5}).keep is None                       # profiles made before cascades
+    assert RerankConfig(candidates=10, keep=20).reranked == 10 and "keep" not in RerankConfig(keep=100).label()
+    # more candidates kept is more work; a cascade of the top 100 does what the plain top 20 does, and more
+    assert does_at_least(replace(cascade, keep=30), cascade) and not does_at_least(cascade, replace(cascade, keep=30))
+    assert does_at_least(cascade, RerankConfig(1.0, 1.0, 128, 20))
+    assert does_at_least(RerankConfig(1.0, 1.0, 128), cascade)
+    assert not does_at_least(cascade, RerankConfig(1.0, 1.0, 128, 50))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(InputError, match="keep must be a positive integer"):
+            RerankConfig(keep=bad)
+
+
 def point(ms: float, ndcg: float, candidates: int = 100, fixed: float = 0.0) -> FrontierPoint:
     return FrontierPoint(RerankConfig(candidates=candidates, max_length=int(8 + ms)), ndcg, ms, ms, fixed)
 
@@ -179,23 +216,31 @@ def test_a_profiled_timing_corrects_the_prediction_of_its_configuration(tiny):
 # -- the simulation is the engine ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("risk", [None, 0.1])
-def test_simulating_a_trace_gives_the_engines_scores_and_work(tiny, risk):
+@pytest.mark.parametrize("risk, keep", [(None, None), (0.1, None), (None, 12), (0.1, 12)])
+def test_simulating_a_trace_gives_the_engines_scores_and_work(tiny, risk, keep):
     with_margins(tiny, 0.3)
     reranker = Reranker(tiny, max_length=64, dtype="fp32", batch_tokens=100, profile={})
     candidates, texts = candidates_and_texts(40, seed=5)
     order = [docid for docid, _ in trec_order(candidates)]
     query = "what is the capital of france"
-    config = RerankConfig(1.0, 1.0, 64, 30, risk)
+    config = RerankConfig(1.0, 1.0, 64, 30, risk, keep)
     trace = reranker.trace(query, [texts[d] for d in order], RerankConfig(1.0, 1.0, 64, 40))
-    values, work = simulate(trace, config, reranker._margins(config), reranker.model, top_k=4, batch_tokens=100)
+    if keep is None:
+        values, work = simulate(trace, config, reranker._margins(config), reranker.model, top_k=4, batch_tokens=100)
+    else:
+        pruner = reranker.pruner(config, 40)
+        first_trace = reranker.trace(query, [texts[d] for d in order], pruner)
+        values, work = simulate_cascade(first_trace, trace, config, pruner, reranker._margins(config),
+                                        reranker.model, top_k=4, batch_tokens=100)
     result = reranker.rerank_config(query, candidates, texts, config, top_k=4, deadline_ms=600_000)
     assert not result.stats.deadline_hit
     got = [result.scores[d] for d in order[:30]]
     assert np.allclose(got, values, atol=1e-5)
-    for name in ("pairs", "tokens", "steps", "heads"):
-        assert work[name] == result.stats.work[name], name
-    assert math.isclose(work["gflops"], result.stats.work["gflops"], rel_tol=1e-9)
+    for name in ("calls", "pairs", "tokens", "steps", "heads", "prune_width"):
+        assert work.get(name) == result.stats.work.get(name), name
+    for name in ("gflops", "prune_gflops"):
+        assert math.isclose(work.get(name, 0.0), result.stats.work.get(name, 0.0), rel_tol=1e-9)
+    assert ("prune_gflops" in work) == (keep is not None)
     if risk is not None:
         assert result.stats.work["steps"] < len(result.stats.batch_sizes[0]) * tiny.config.num_layers
 
@@ -223,7 +268,7 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     model = rankshrink.load_model(directory)
     run, topics, collection, qrels = tiny_dev()
     result = profile(model, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[0.5, 1.0],
-                     max_lengths=[16, 48], candidates=[10, 30], exit_risks=[None, 0.1], dtype="fp32",
+                     max_lengths=[16, 48], candidates=[10, 30], exit_risks=[None, 0.1], keeps=[10], dtype="fp32",
                      time_queries=2, top_k=3, progress=False)
     frontier, ladder = result.profile["frontier"], result.profile["ladder"]
     assert frontier and [p["ms_p95"] for p in frontier] == sorted(p["ms_p95"] for p in frontier)
@@ -231,9 +276,12 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     assert all(p.get("measured_ms_p50") is not None for p in frontier[:1] + ladder[:1])
     rungs = [RerankConfig.from_dict(p) for p in ladder]
     assert rungs and all(does_at_least(upper, lower) for lower, upper in zip(rungs, rungs[1:]))
-    # every (width, depth, length, candidates) without exits, and with them where an exit head ranks
+    # every (width, depth, length, candidates) without exits, and with them where an exit head ranks; the 30
+    # candidates also as a cascade keeping 10, whose first pass (the model's smallest sub-network) is traced too
     ranking = [e for e in result.calibration["entries"] if any(m is not None for m in e["margins"].values())]
-    assert len(result.points) == 2 ** 4 + 2 * len(ranking)
+    assert len(result.points) == (2 ** 4 + 2 * len(ranking)) * 3 // 2
+    assert sum(p["keep"] == 10 for p in result.points) == 2 ** 3 + len(ranking)
+    assert result.profile["grid"]["keeps"] == [10]
     assert {(e["width"], e["depth"], e["max_length"]) for e in result.calibration["entries"]} == \
         {(w, d, n) for w in (0.5, 1.0) for d in (0.5, 1.0) for n in (16, 48)}
     assert result.profile["reference"]["candidates"] == 30 and result.profile["reference"]["exit_risk"] is None

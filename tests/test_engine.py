@@ -184,6 +184,40 @@ def test_deadlines_always_leave_a_well_formed_ranking(tiny):
     assert not result.stats.deadline_hit and result.stats.layers_used == [tiny.config.num_layers] * len(order)
 
 
+def test_a_cascade_reranks_the_pruners_best_with_the_network_and_the_rest_in_its_order(tiny):
+    candidates, texts = candidates_and_texts(30, seed=3)
+    order = [docid for docid, _ in trec_order(candidates)]
+    query = "why is the sky blue"
+    reranker = Reranker(tiny, max_length=24, exits=False, dtype="fp32", batch_tokens=64, keep=8)
+    pruner = reranker.pruner(reranker.config, len(order))
+    assert (pruner.width, pruner.depth, pruner.max_length, pruner.keep) == \
+        (min(tiny.config.widths), min(tiny.config.depths), 24, None)
+    first = tiny.score(query, [texts[d] for d in order], width=pruner.width, depth=pruner.depth, max_length=24)
+    pruned_order = [order[i] for i in sorted(range(len(order)), key=lambda i: (-float(first[i]), i))]
+    kept = pruned_order[:8]
+    second = tiny.score(query, [texts[d] for d in kept], max_length=24)
+    result = reranker.rerank(query, candidates, texts)
+    assert torch.allclose(torch.tensor([result.scores[d] for d in kept]), second, atol=1e-5, rtol=0)
+    assert set(result.ranking()[:8]) == set(kept) and result.ranking()[8:] == pruned_order[8:]
+    stats = result.stats
+    assert stats.config["keep"] == 8 and stats.work["calls"] == 2 and stats.work["pairs"] == 30 + 8
+    assert stats.work["prune_gflops"] > 0 and stats.work["prune_width"] == pruner.width
+    layers = [stats.layers_used[order.index(d)] for d in order]
+    assert sorted(set(layers)) == [len(tiny.layers_for(pruner.depth)), tiny.config.num_layers]
+    assert sum(n == tiny.config.num_layers for n in layers) == 8
+    # keeping every candidate is no cascade; a cascade under any deadline still ranks every candidate
+    everything = Reranker(tiny, max_length=24, exits=False, dtype="fp32", keep=30).rerank(query, candidates, texts)
+    plain = Reranker(tiny, max_length=24, exits=False, dtype="fp32").rerank(query, candidates, texts)
+    assert everything.scores == plain.scores and "prune_gflops" not in everything.stats.work
+    for budget in (0.0, 0.5, 3.0, 600_000.0):
+        ranking = reranker.rerank(query, candidates, texts, budget_ms=budget).ranking()
+        assert sorted(ranking) == sorted(order)
+        if budget == 0.0:
+            assert ranking == order
+    with pytest.raises(InputError, match="keep must be a positive integer"):
+        Reranker(tiny, keep=0)
+
+
 def test_rerank_is_thread_safe(tiny):
     with_margins(tiny, 0.2)
     reranker = Reranker(tiny, max_length=64, exits=0.1, dtype="fp32", batch_tokens=100)

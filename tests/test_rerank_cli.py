@@ -77,6 +77,19 @@ def test_rerank_writes_every_candidate_and_the_stats(files, tmp_path):
     assert sorted(p.name for p in output.parent.iterdir()) == ["reranked.trec"]   # nothing temporary left
 
 
+def test_keep_reranks_a_cascade(files, tmp_path):
+    output, stats_path = tmp_path / "cascade.trec", tmp_path / "stats.json"
+    assert main(files.rerank_args(output, "--candidates", "20", "--keep", "5", "--dtype", "fp32", "--no-exits",
+                                  "--stats", str(stats_path))) == 0
+    model = rankshrink.load_model(files.model)
+    library, _ = Reranker(model, max_length=48, candidates=20, keep=5, exits=False, dtype="fp32").rerank_run(
+        files.first_stage, files.topics_map, files.passages, progress=False)
+    for qid, docs in read_run(output).items():
+        assert [d for d, _ in trec_order(docs)] == [d for d, _ in trec_order(library[qid])]
+    for query_stats in json.loads(stats_path.read_text())["queries"].values():
+        assert query_stats["config"]["keep"] == 5 and query_stats["layers_used"].count(4) == 5
+
+
 def test_a_budget_of_zero_writes_the_first_stage_order(files, tmp_path):
     output = tmp_path / "zero.trec"
     assert main(files.rerank_args(output, "--budget-ms", "0", "--dtype", "fp32")) == 0
@@ -88,16 +101,17 @@ def test_profile_then_rerank_within_budgets(files, tmp_path, capsys):
     assert main(["profile", "--model", str(files.model), "--run", str(files.run), "--topics", str(files.topics),
                  "--collection", str(files.collection), "--qrels", str(files.qrels), "--widths", "0.5", "1",
                  "--depths", "0.5", "1", "--max-lengths", "24", "48", "--candidates", "10", "30",
-                 "--exit-risks", "off", "0.1", "--time-queries", "2", "--dtype", "fp32", "--quiet",
+                 "--exit-risks", "off", "0.1", "--keeps", "10", "--time-queries", "2", "--dtype", "fp32", "--quiet",
                  "--points", str(tmp_path / "points.json")]) == 0
     printed = capsys.readouterr().out
     assert "| width | depth |" in printed and "frontier configurations" in printed
     manifest = json.loads((files.model / "rankshrink.json").read_text())
     assert manifest["metadata"]["profile"]["frontier"] and manifest["metadata"]["calibration"]["entries"]
-    # every (width, depth, length, candidates) without exits, and with them where an exit head ranks
+    # every (width, depth, length, candidates) without exits, and with them where an exit head ranks; the 30
+    # candidates also as a cascade keeping 10
     ranking = [e for e in manifest["metadata"]["calibration"]["entries"]
                if any(m is not None for m in e["margins"].values())]
-    assert len(json.loads((tmp_path / "points.json").read_text())["points"]) == 16 + 2 * len(ranking)
+    assert len(json.loads((tmp_path / "points.json").read_text())["points"]) == (16 + 2 * len(ranking)) * 3 // 2
     assert "ladder (what budgets climb)" in printed and manifest["metadata"]["profile"]["ladder"]
     for budget in ("1", "100000"):
         stats_path = tmp_path / f"stats-{budget}.json"

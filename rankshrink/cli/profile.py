@@ -11,13 +11,13 @@ from ..errors import InputError
 
 
 def register(subparsers) -> None:
-    from ..rerank.profiling import DEFAULT_CANDIDATES, DEFAULT_EXIT_RISKS, DEFAULT_MAX_LENGTHS
+    from ..rerank.profiling import DEFAULT_CANDIDATES, DEFAULT_EXIT_RISKS, DEFAULT_KEEPS, DEFAULT_MAX_LENGTHS
 
     parser = subparsers.add_parser(
         "profile", help="calibrate early exits and measure the latency-nDCG frontier on dev data; store it with the model",
         description="Trace every (width, depth, max length) of the model on the dev queries, calibrate the exit "
-                    "margins, simulate every number of candidates and exit risk, fit a cost model to the timings, "
-                    "time the Pareto frontier and the budget ladder for real, and store calibration, frontier "
+                    "margins, simulate every number of candidates, exit risk and cascade, fit a cost model to the "
+                    "timings, time the Pareto frontier and the budget ladder for real, and store calibration, frontier "
                     "and ladder in the model's rankshrink.json (budgets then work: rankshrink rerank --budget-ms). "
                     "Use dev data (TREC DL 2021), never the test set.")
     parser.add_argument("--model", required=True, help="rankshrink model directory (updated in place unless --output)")
@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                         help="numbers of first-stage candidates to rerank (default: %(default)s)")
     parser.add_argument("--exit-risks", nargs="+", default=["off", *(f"{r:g}" for r in DEFAULT_EXIT_RISKS if r)],
                         help="exit risks to try; 'off' is no early exit (default: %(default)s)")
+    parser.add_argument("--keeps", type=int, nargs="*", default=list(DEFAULT_KEEPS),
+                        help="cascades to try: the smallest sub-network's best N candidates go on (default: "
+                             "%(default)s; none: --keeps with no value)")
     parser.add_argument("--queries", type=int, help="profile on this many dev queries (default: all judged ones)")
     parser.add_argument("--time-queries", type=int, default=20,
                         help="dev queries that time each frontier configuration for real (default: %(default)s)")
@@ -75,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(model_dir)
     result = profile(model, read_run(args.run), read_topics(args.topics), open_collection(args.collection),
                      read_qrels(args.qrels), widths=args.widths, depths=args.depths, max_lengths=args.max_lengths,
-                     candidates=args.candidates, exit_risks=parse_risks(args.exit_risks), dtype=args.dtype,
-                     threads=args.threads, queries=args.queries, time_queries=args.time_queries, top_k=args.top_k,
-                     progress=not args.quiet, dev_name=f"{args.run} ({args.qrels})")
+                     candidates=args.candidates, exit_risks=parse_risks(args.exit_risks), keeps=args.keeps,
+                     dtype=args.dtype, threads=args.threads, queries=args.queries, time_queries=args.time_queries,
+                     top_k=args.top_k, progress=not args.quiet, dev_name=f"{args.run} ({args.qrels})")
     if args.output is not None:
         model.metadata["calibration"] = result.calibration
         model.metadata["profile"] = result.profile

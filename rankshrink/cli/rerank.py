@@ -19,6 +19,9 @@ def add_reranker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=100,
                         help="rerank each query's first K candidates; the rest follow in first-stage order "
                              "(default: %(default)s)")
+    parser.add_argument("--keep", type=int,
+                        help="a cascade: the model's smallest sub-network scores the candidates first and only its "
+                             "best KEEP run at --width/--depth; the others follow in its order (default: all)")
     exits = parser.add_mutually_exclusive_group()
     exits.add_argument("--no-exits", action="store_true",
                        help="run every passage through every layer (default: the model's calibrated early exits)")
@@ -66,7 +69,8 @@ def open_reranker(args: argparse.Namespace):
     model = load_model(args.model)
     threads = args.threads or (model.metadata.get("profile") or {}).get("threads")   # as profiled, by default
     return Reranker(model, width=args.width, depth=args.depth, max_length=args.max_length,
-                    candidates=args.candidates, exits=exits_option(args), dtype=args.dtype, threads=threads)
+                    candidates=args.candidates, exits=exits_option(args), dtype=args.dtype, threads=threads,
+                    keep=args.keep)
 
 
 def run(args: argparse.Namespace) -> int:

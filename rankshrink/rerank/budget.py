@@ -1,7 +1,10 @@
 """Latency budgets: a configuration, a cost model, the profile's Pareto frontier and ladder, and the controller.
 
 A **configuration** fixes every knob of one rerank: width, depth, max length, how many first-stage candidates
-to rerank, and the exit risk (None: no early exit). ``rankshrink profile`` (``profiling.py``) measures on this
+to rerank, the exit risk (None: no early exit), and how many of them to keep after a first, cheap pass (None:
+all). With ``keep``, the model's smallest sub-network (``Reranker.pruner``) scores every candidate at
+``PRUNE_MAX_LENGTH`` tokens and only its best ``keep`` go on to the configuration's network, a cascade inside
+one model. ``rankshrink profile`` (``profiling.py``) measures on this
 machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
 configurations no other beats on both, and the **ladder**: configurations each doing at least as much of
 every knob as the one below it, so that a bigger budget only adds work (``nested_ladder``). The
@@ -12,7 +15,8 @@ remaining documents by stale exit scores, which can rank worse than a smaller co
 
 The **cost model** is linear in the work a rerank does, which the engine counts (``QueryStats.work``):
 ``ms = c_calls + c_pairs·pairs + c_tokens·tokens + c_steps·steps + c_heads·heads + c_w·GFLOPs``, with one
-``c_w`` (ms per GFLOP) per width because narrow matmuls run less efficiently. It is fitted to measured
+``c_w`` (ms per GFLOP) per width because narrow matmuls run less efficiently (a cascade's first pass counts
+its GFLOPs at its own width: ``prune_gflops``, ``prune_width``). It is fitted to measured
 reranks by non-negative least squares on relative error.
 
 >>> controller = Controller.from_profile(model.metadata["profile"])      # doctest: +SKIP
@@ -33,6 +37,8 @@ WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
 # deadline cuts on 71 of 172 searches (eval/bench_pipeline.md); at 0 the bench's 400 ms budget ranked
 # worse than its 200 ms one (36 cuts, eval/README.md).
 DEFAULT_HEADROOM = 0.4
+# A cascade's first pass reads this many tokens of each pair (or the configuration's max length, if shorter).
+PRUNE_MAX_LENGTH = 64
 # A profiled configuration's timing corrects the cost model's prediction of it by at most this factor.
 MAX_CORRECTION = 2.0
 
@@ -46,13 +52,15 @@ def check_headroom(headroom: float) -> float:
 @dataclass(frozen=True)
 class RerankConfig:
     """Every knob of one rerank. ``exit_risk``: the calibrated probability that a document the full depth
-    would put in the top k leaves early (None: no early exit)."""
+    would put in the top k leaves early (None: no early exit). ``keep``: rerank only the best ``keep``
+    candidates of a first pass by the model's smallest sub-network (None: every candidate)."""
 
     width: float = 1.0
     depth: float = 1.0
     max_length: int = 256
     candidates: int = 100
     exit_risk: float | None = None
+    keep: int | None = None
 
     def __post_init__(self):
         for name in ("width", "depth"):
@@ -60,8 +68,10 @@ class RerankConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
-        for name in ("max_length", "candidates"):
+        for name in ("max_length", "candidates", "keep"):
             value = getattr(self, name)
+            if name == "keep" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if self.max_length < 8:
@@ -77,12 +87,18 @@ class RerankConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RerankConfig":
-        return cls(**{key: values[key] for key in ("width", "depth", "max_length", "candidates", "exit_risk")
+        return cls(**{key: values[key] for key in ("width", "depth", "max_length", "candidates", "exit_risk", "keep")
                       if key in values})
+
+    @property
+    def reranked(self) -> int:
+        """How many candidates this configuration's network reranks (of ``candidates``)."""
+        return self.candidates if self.keep is None else min(self.keep, self.candidates)
 
     def label(self) -> str:
         exits = "off" if self.exit_risk is None else f"{self.exit_risk:g}"
-        return (f"w{self.width:g} d{self.depth:g} L{self.max_length} K{self.candidates} exits {exits}")
+        keep = f" keep {self.keep}" if self.keep is not None and self.keep < self.candidates else ""
+        return f"w{self.width:g} d{self.depth:g} L{self.max_length} K{self.candidates}{keep} exits {exits}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +115,10 @@ class CostModel:
 
     def predict(self, work: Mapping[str, float], width: float) -> float:
         ms = sum(self.coefficients.get(name, 0.0) * float(work.get(name, 0.0)) for name in WORK_FEATURES)
-        return ms + self.gflop_cost(width) * float(work.get("gflops", 0.0))
+        ms += self.gflop_cost(width) * float(work.get("gflops", 0.0))
+        if work.get("prune_gflops"):
+            ms += self.gflop_cost(float(work["prune_width"])) * float(work["prune_gflops"])
+        return ms
 
     def gflop_cost(self, width: float) -> float:
         if not self.ms_per_gflop:
@@ -116,13 +135,16 @@ class CostModel:
 
         if len(samples) < 2:
             raise ValueError(f"a cost model needs at least 2 timed reranks, got {len(samples)}")
-        widths = sorted({float(width) for _, width, _ in samples})
+        widths = sorted({float(width) for _, width, _ in samples} |
+                        {float(work["prune_width"]) for work, _, _ in samples if work.get("prune_gflops")})
         rows, targets = [], []
         for work, width, ms in samples:
             if ms <= 0:
                 continue
             row = [float(work.get(name, 0.0)) for name in WORK_FEATURES]
-            row += [float(work.get("gflops", 0.0)) if math.isclose(width, w) else 0.0 for w in widths]
+            row += [(float(work.get("gflops", 0.0)) if math.isclose(width, w) else 0.0)
+                    + (float(work.get("prune_gflops", 0.0)) if math.isclose(work.get("prune_width", -1.0), w) else 0.0)
+                    for w in widths]
             rows.append([value / ms for value in row])
             targets.append(1.0)
         coefficients, _ = nnls(np.asarray(rows), np.asarray(targets), maxiter=5000)
@@ -201,13 +223,15 @@ def pareto_frontier(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> l
 
 
 def does_at_least(upper: RerankConfig, lower: RerankConfig) -> bool:
-    """Whether ``upper`` does at least as much of every knob as ``lower``: width, depth, max length and
-    candidates no smaller, exit risk no larger (exits off is a risk of 0)."""
+    """Whether ``upper`` does at least as much of every knob as ``lower``: width, depth, max length,
+    candidates and candidates kept after a cascade's first pass no smaller, exit risk no larger (exits off is a
+    risk of 0)."""
     def risk(config: RerankConfig) -> float:
         return 0.0 if config.exit_risk is None else config.exit_risk
 
     return (upper.width >= lower.width and upper.depth >= lower.depth and upper.max_length >= lower.max_length
-            and upper.candidates >= lower.candidates and risk(upper) <= risk(lower))
+            and upper.candidates >= lower.candidates and upper.reranked >= lower.reranked
+            and risk(upper) <= risk(lower))
 
 
 def nested_ladder(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> list[FrontierPoint]:
@@ -299,7 +323,7 @@ class Controller:
         configuration capped to fewer candidates, of the timed point with the fewest candidates above it; 1 for
         a configuration the profile did not time."""
         def knobs(c: RerankConfig) -> tuple:
-            return c.width, c.depth, c.max_length, c.exit_risk
+            return c.width, c.depth, c.max_length, c.exit_risk, c.keep
 
         timed = [p for p in self.rungs + self.frontier if p.measured_ms_p50 is not None
                  and knobs(p.config) == knobs(config) and p.config.candidates >= config.candidates]

@@ -12,6 +12,9 @@ What makes it fast, in the order the time goes:
 * **layer by layer, with early exit**: after each layer with an exit head, a document whose score is
   confidently below the current top-k cut leaves (``calibration.py``); the survivors are repacked into
   micro-batches (trimmed to their new longest pair, small batches merged), so exited documents cost nothing;
+* a **cascade** (``keep``): the model's smallest sub-network first scores every candidate at a few tokens
+  (``PRUNE_MAX_LENGTH``) and only its best ``keep`` go through the configuration's network; the others rank
+  below them in the first pass's order;
 * a **deadline**: before each micro-batch step the engine checks that the step, at the speed measured so far,
   still fits; when it does not, it stops. Documents keep their latest score (from the last head they passed);
   the ones no head scored rank below every scored one, in first-stage order.
@@ -43,7 +46,8 @@ import torch
 
 from ..data import trec_order
 from ..errors import InputError
-from .budget import DEFAULT_HEADROOM, Controller, FrontierPoint, RerankConfig, check_headroom
+from .budget import (DEFAULT_HEADROOM, PRUNE_MAX_LENGTH, WORK_FEATURES, Controller, FrontierPoint, RerankConfig,
+                     check_headroom)
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -220,16 +224,17 @@ def _tokenizer_lock(tokenizer) -> threading.Lock:
 class Reranker:
     """Rerank one query's first-stage candidates with a ``DynamicCrossEncoder``.
 
-    ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to
-    the model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first) and
-    ``exits`` fix the configuration used when a call gives no budget; with a budget, ``candidates`` and
-    ``max_length`` still cap what the controller picks. ``exits``: True uses the model's calibrated early exits at its default risk
-    (none when the model has no calibration for this width and depth); a float is the exit risk itself
-    (``calibration.py``); False runs every document through every layer. ``dtype``: "auto" (bf16 where the
-    CPU has bf16 arithmetic), "bf16", "fp32". ``threads``: torch intra-op threads, set for the whole process
-    (None leaves torch's setting). ``headroom``: with a budget, the controller picks the best configuration
-    whose predicted p95 (scaled by the load measured on recent calls) fits ``(1 - headroom) × budget``; the
-    deadline is the whole budget. ``rerank`` is thread-safe.
+    ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to the
+    model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first), ``keep``
+    (None, or a cascade: the ``pruner`` sub-network scores the candidates first and only its best ``keep`` run
+    at ``width`` and ``depth``) and ``exits`` fix the configuration used when a call gives no budget; with a
+    budget, ``candidates`` and ``max_length`` still cap what the controller picks. ``exits``: True uses the
+    model's calibrated early exits at its default risk (none when the model has no calibration for this width
+    and depth); a float is the exit risk itself (``calibration.py``); False runs every document through every
+    layer. ``dtype``: "auto" (bf16 where the CPU has bf16 arithmetic), "bf16", "fp32". ``threads``: torch
+    intra-op threads, set for the whole process (None leaves torch's setting). ``headroom``: with a budget, the
+    controller picks the best configuration whose predicted p95 (scaled by the load measured on recent calls)
+    fits ``(1 - headroom) × budget``; the deadline is the whole budget. ``rerank`` is thread-safe.
 
     >>> reranker = Reranker(rankshrink.load_model("models/trec-dl"), exits=False, dtype="fp32")   # doctest: +SKIP
     >>> reranker.rerank("cat", {"a": 2.0, "b": 1.0}, ["Paris is in France.", "A cat."]).ranking()  # doctest: +SKIP
@@ -238,8 +243,9 @@ class Reranker:
 
     def __init__(self, model: Any, width: float = 1.0, depth: float = 1.0, max_length: int = 256,
                  candidates: int = 100, exits: bool | float = True, dtype: Dtype = "auto",
-                 threads: int | None = None, *, batch_tokens: int = BATCH_TOKENS, max_padding: float = MAX_PADDING,
-                 headroom: float = DEFAULT_HEADROOM, profile: Mapping[str, Any] | None = None):
+                 threads: int | None = None, keep: int | None = None, *, batch_tokens: int = BATCH_TOKENS,
+                 max_padding: float = MAX_PADDING, headroom: float = DEFAULT_HEADROOM,
+                 profile: Mapping[str, Any] | None = None):
         if isinstance(model, (str, Path)):
             from ..model import load_model
 
@@ -261,7 +267,7 @@ class Reranker:
         self.dtype = resolve_dtype(dtype, next(model.parameters()).device)
         self.model = inference_copy(model, self.dtype)
         self.calibration = model.metadata.get("calibration")
-        self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits))
+        self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits), keep)
         self.threads = threads
         if not 0 <= max_padding <= 1:
             raise InputError(f"max_padding must be a fraction in [0, 1], got {max_padding!r}")
@@ -290,6 +296,12 @@ class Reranker:
         from .calibration import check_exit_risk
 
         return check_exit_risk(exits)
+
+    def pruner(self, config: RerankConfig, candidates: int) -> RerankConfig:
+        """The first pass of ``config``'s cascade over ``candidates`` candidates: the model's narrowest and
+        shallowest sub-network, no exits, at ``PRUNE_MAX_LENGTH`` tokens (``config``'s max length if shorter)."""
+        return RerankConfig(min(self.model.config.widths), min(self.model.config.depths),
+                            min(PRUNE_MAX_LENGTH, config.max_length), candidates, None)
 
     @property
     def load(self) -> float:
@@ -350,6 +362,8 @@ class Reranker:
         passages = _texts_for(reranked, docids, texts)
         if budget_ms == 0 or not reranked:
             outcome = None
+        elif config.keep is not None and config.keep < len(reranked):
+            outcome = self._score_cascade(query, passages, config, top_k, deadline)
         else:
             outcome = self._score(query, passages, config, top_k, deadline, record=False)
         return self._result(docids, reranked, outcome, config, started, budget_ms, predicted)
@@ -433,6 +447,23 @@ class Reranker:
                     batches = self._exit(batches, outcome.scores, top_k, margins[layer], lengths, types)
         return outcome.finish(began)
 
+    def _score_cascade(self, query: str, passages: list[str], config: RerankConfig, top_k: int,
+                       deadline: float | None) -> "_Outcome":
+        """The pruner over every passage, then ``config`` over the pruner's best ``config.keep``; the scores
+        ``cascade_values`` orders that way."""
+        pruner = self.pruner(config, len(passages))
+        first = self._score(query, passages, pruner, top_k, deadline, record=False)
+        kept = pruner_choice(first.scores.tolist(), config.keep)
+        second = self._score(query, [passages[p] for p in kept], replace(config, keep=None), top_k, deadline,
+                             record=False)
+        outcome = _Outcome(torch.tensor(cascade_values(first.scores.tolist(), kept, second.scores.tolist())),
+                           first.layers_used.clone(), first.deadline_hit or second.deadline_hit,
+                           first.tokenize_ms + second.tokenize_ms, first.elapsed_ms + second.elapsed_ms,
+                           first.lengths, first.batch_sizes + second.batch_sizes)
+        outcome.layers_used[torch.tensor(kept, dtype=torch.long)] = second.layers_used
+        outcome.work = cascade_work(first.work, second.work, pruner.width)
+        return outcome
+
     def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
         length = max(lengths[p] for p in group)
         input_ids = np.full((len(group), length), self.model.config.pad_token_id, dtype=np.int64)
@@ -513,7 +544,7 @@ class Reranker:
     def _config_dict(self, config: RerankConfig, margins_used: bool | None) -> dict[str, Any]:
         exits = bool(margins_used) if margins_used is not None else config.exit_risk is not None
         return {"width": config.width, "depth": config.depth, "max_length": config.max_length,
-                "candidates": config.candidates, "exits": exits,
+                "candidates": config.candidates, "keep": config.keep, "exits": exits,
                 "exit_risk": config.exit_risk if exits else None,
                 "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
 
@@ -597,6 +628,35 @@ def assemble(docids: Sequence[str], values: Sequence[float]) -> dict[str, float]
         else:
             scores[docid] = float(value)
     return scores
+
+
+def pruner_choice(first_scores: Sequence[float], keep: int) -> list[int]:
+    """Positions of the ``keep`` best first-pass scores, best first (ties in first-stage order; NaN: never)."""
+    scored = [p for p, score in enumerate(first_scores) if not math.isnan(score)]
+    return sorted(scored, key=lambda p: (-first_scores[p], p))[:keep]
+
+
+def cascade_values(first_scores: Sequence[float], kept: Sequence[int], second_scores: Sequence[float]) -> list[float]:
+    """One value per candidate of a cascade, in ``assemble``'s sense: the kept candidates' second-pass scores;
+    below them the other first-pass-scored candidates (and kept ones the deadline left without a second
+    score) in the first pass's order; NaN where neither pass scored."""
+    values = [math.nan] * len(first_scores)
+    for position, score in zip(kept, second_scores):
+        values[position] = score
+    scored = [value for value in values if not math.isnan(value)]
+    floor = min(scored) - 1.0 if scored else 0.0
+    rest = [p for p in range(len(first_scores)) if math.isnan(values[p]) and not math.isnan(first_scores[p])]
+    for rank, position in enumerate(sorted(rest, key=lambda p: (-first_scores[p], p))):
+        values[position] = floor - rank
+    return values
+
+
+def cascade_work(first: Mapping[str, float], second: Mapping[str, float], pruner_width: float) -> dict[str, float]:
+    """The cost model's counts of a cascade: both passes' counts, the first pass's GFLOPs apart (another width)."""
+    work = {name: float(first.get(name, 0)) + float(second.get(name, 0)) for name in WORK_FEATURES}
+    work.update(gflops=float(second.get("gflops", 0.0)), prune_gflops=float(first.get("gflops", 0.0)),
+                prune_width=pruner_width)
+    return work
 
 
 # ---------------------------------------------------------------------------------------------

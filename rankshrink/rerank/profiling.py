@@ -6,9 +6,10 @@ How, without running every configuration on every query:
 1. **Trace** each (width, depth, max length) once on the dev queries: every candidate through every layer,
    every exit head's score recorded, each query timed (these are the first timings of the cost model).
 2. **Calibrate** the exit margins of each (width, depth, max length) from its traces (``calibration.py``).
-3. **Simulate** every number of candidates × exit risk from the traces: the engine's own exit rule and
-   micro-batch packing replayed on the recorded scores give each query's ranking (→ nDCG@10 against the dev
-   qrels) and the work it would do (→ latency, through the cost model fitted to step 1's timings).
+3. **Simulate** every number of candidates × exit risk × cascade (candidates kept after the pruner's pass)
+   from the traces: the engine's own exit rule, micro-batch packing and cascade replayed on the recorded
+   scores give each query's ranking (→ nDCG@10 against the dev qrels) and the work it would do (→ latency,
+   through the cost model fitted to step 1's timings).
 4. Keep the **frontier** and the **ladder** (``budget.py``), then **time them for real**: each of their
    configurations reranks dev queries through the engine; the cost model is refitted on all timings and
    both recomputed. The controller corrects each timed configuration's prediction by its own timing
@@ -39,12 +40,15 @@ from ..data import Qrels, Run, Topics, atomic_write, trec_order
 from ..errors import InputError
 from .budget import CostModel, FrontierPoint, RerankConfig, nested_ladder, pareto_frontier
 from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
-from .engine import BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, layer_gflops, pack, regroup
+from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, cascade_values, cascade_work, layer_gflops,
+                     pack, pruner_choice, regroup)
 
 DEFAULT_MAX_LENGTHS = (64, 128, 256)
 TIMING_ROUNDS = 4
 DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
 DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.3)
+# Cascades profiled: the pruner's best this many candidates go on (for every larger number of candidates).
+DEFAULT_KEEPS = (10, 20, 30)
 # exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
 DEFAULT_RISK_TOLERANCE = 0.005
 # A dearer frontier (or ladder) configuration must gain more dev nDCG@10 than this over the cheaper one.
@@ -129,6 +133,24 @@ def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | 
     return values.tolist(), work
 
 
+def simulate_cascade(first_trace: Trace, trace: Trace, config: RerankConfig, pruner: RerankConfig,
+                     margins: Mapping[int, float] | None, model, top_k: int, batch_tokens: int = BATCH_TOKENS,
+                     max_padding: float = MAX_PADDING, flops_cache: dict | None = None
+                     ) -> tuple[list[float], dict[str, float]]:
+    """``simulate`` for a cascade (``config.keep``): the pruner's trace chooses the candidates that
+    ``config``'s trace then replays."""
+    count = min(config.candidates, len(trace.lengths))
+    first, first_work = simulate(first_trace, replace(pruner, candidates=count), None, model, top_k, batch_tokens,
+                                 max_padding, flops_cache)
+    kept = pruner_choice(first, config.keep)
+    index = np.asarray(kept, dtype=np.int64)
+    chosen = Trace({layer: scores[index] for layer, scores in trace.layer_scores.items()}, trace.final[index],
+                   [trace.lengths[p] for p in kept], trace.stats)
+    second, second_work = simulate(chosen, replace(config, candidates=len(kept), keep=None), margins, model, top_k,
+                                   batch_tokens, max_padding, flops_cache)
+    return cascade_values(first, kept, second), cascade_work(first_work, second_work, pruner.width)
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else 0.0
 
@@ -149,11 +171,13 @@ def _machine() -> dict[str, Any]:
 def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
             widths: Sequence[float] | None = None, depths: Sequence[float] | None = None,
             max_lengths: Sequence[int] = DEFAULT_MAX_LENGTHS, candidates: Sequence[int] = DEFAULT_CANDIDATES,
-            exit_risks: Sequence[float | None] = DEFAULT_EXIT_RISKS, dtype: str = "auto",
+            exit_risks: Sequence[float | None] = DEFAULT_EXIT_RISKS, keeps: Sequence[int] = DEFAULT_KEEPS,
+            dtype: str = "auto",
             threads: int | None = None, queries: int | None = None, time_queries: int = 20,
             top_k: int = DEFAULT_TOP_K, batch_tokens: int = BATCH_TOKENS, progress: bool = True,
             dev_name: str = "dev") -> ProfileResult:
-    """Calibrate exits and profile every (width × depth × max length × candidates × exit risk) on dev data.
+    """Calibrate exits and profile every (width × depth × max length × candidates × exit risk), each also as
+    a cascade keeping each of ``keeps`` smaller than its candidates (none: ``keeps=()``), on dev data.
 
     ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``queries``:
     profile on this many dev queries (default: all judged ones); ``time_queries``: how many of them time each
@@ -164,6 +188,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     max_lengths = sorted(set(int(n) for n in max_lengths))
     candidates = sorted(set(int(k) for k in candidates))
     risks = sorted(set(exit_risks), key=lambda r: -1.0 if r is None else r)
+    keeps = sorted(set(int(k) for k in keeps))
     limit = model.config.max_position_embeddings
     if max_lengths[-1] > limit:
         raise InputError(f"max length {max_lengths[-1]} is longer than the model's {limit} positions")
@@ -172,21 +197,25 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     for risk in risks:
         if risk is not None:
             RerankConfig(exit_risk=risk)
+    for keep in keeps:
+        RerankConfig(keep=keep)
     started = time.time()
     machine = _machine()
     reranker = Reranker(model, exits=False, dtype=dtype, threads=threads, batch_tokens=batch_tokens, profile={})
     dev = dev_queries(run, topics, collection, qrels, candidates[-1], queries)
     bases = [(w, d, n) for w in widths for d in depths for n in max_lengths]
+    grid = [RerankConfig(w, d, n, k, risk, keep) for (w, d, n) in bases for k in candidates for risk in risks
+            for keep in [None] + [keep for keep in keeps if keep < k]]
+    pruners = {_base(reranker.pruner(config, config.candidates)) for config in grid if config.keep is not None}
 
-    traces, samples = _trace(reranker, dev, bases, candidates[-1], progress)
+    traces, samples = _trace(reranker, dev, bases + sorted(pruners - set(bases)), candidates[-1], progress)
     calibration = {"top_k": top_k, "levels": list(LEVELS), "dev": dev_name, "queries": len(dev),
                    "dtype": "bf16" if reranker.dtype == torch.bfloat16 else "fp32", "default_risk": None,
                    "entries": [{"width": w, "depth": d, "max_length": n,
                                 "margins": calibrate_margins([t.layer_scores for t in traced],
                                                              [t.final for t in traced], top_k)}
-                               for (w, d, n), traced in traces.items()]}
+                               for (w, d, n), traced in traces.items() if (w, d, n) in bases]}
     model.metadata["calibration"] = reranker.calibration = calibration
-    grid = [RerankConfig(w, d, n, k, risk) for (w, d, n) in bases for k in candidates for risk in risks]
     works, ndcg = _simulate(reranker, dev, traces, grid, {q.qid: qrels[q.qid] for q in dev}, top_k, progress)
 
     def points_with(cost_model: CostModel) -> dict[RerankConfig, FrontierPoint]:
@@ -223,7 +252,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
         "dtype": calibration["dtype"], "threads": torch.get_num_threads(), "batch_tokens": batch_tokens,
         "top_k": top_k, "dev": dev_name, "queries": len(dev), "timed_queries": len(timing),
         "grid": {"widths": widths, "depths": depths, "max_lengths": max_lengths, "candidates": candidates,
-                 "exit_risks": risks},
+                 "exit_risks": risks, "keeps": keeps},
         "cost_model": cost_model.to_dict(),
         "reference": None if reference is None else reference.to_dict(),
         "frontier": [point.to_dict() for point in frontier],
@@ -268,14 +297,25 @@ def _simulate(reranker: Reranker, dev: list[_DevQuery], traces: Mapping[tuple[fl
         if config.exit_risk is not None and not margins:
             continue  # no exit layer runs at this depth, or nothing calibrated: the same as exits off
         runs[config], works[config] = {}, []
-        for query, trace in zip(dev, traces[(config.width, config.depth, config.max_length)]):
-            values, work = simulate(trace, config, margins, reranker.model, top_k, reranker.batch_tokens,
-                                    reranker.max_padding, flops_cache)
+        pruner = reranker.pruner(config, config.candidates) if config.keep is not None else None
+        for position, (query, trace) in enumerate(zip(dev, traces[_base(config)])):
+            if pruner is not None and config.keep < min(config.candidates, len(trace.lengths)):
+                values, work = simulate_cascade(traces[_base(pruner)][position], trace, config, pruner, margins,
+                                                reranker.model, top_k, reranker.batch_tokens, reranker.max_padding,
+                                                flops_cache)
+            else:
+                values, work = simulate(trace, config, margins, reranker.model, top_k, reranker.batch_tokens,
+                                        reranker.max_padding, flops_cache)
             runs[config][query.qid] = assemble(query.all_docids, values)
             works[config].append(work)
     names = {config: f"c{i}" for i, config in enumerate(runs)}
     evaluation = evaluate(dev_qrels, {names[config]: run for config, run in runs.items()}, ["ndcg@10"])
     return works, {config: evaluation.scores[names[config]]["ndcg@10"] for config in runs}
+
+
+def _base(config: RerankConfig) -> tuple[float, float, int]:
+    """The trace a configuration replays: its (width, depth, max length)."""
+    return config.width, config.depth, config.max_length
 
 
 def _time(reranker: Reranker, timing: list[_DevQuery], points: list[FrontierPoint], top_k: int,
@@ -336,12 +376,14 @@ def save_profile(directory: str | os.PathLike, result: ProfileResult) -> Path:
 
 def frontier_table(profile_data: Mapping[str, Any], key: str = "frontier") -> str:
     """The frontier (or, with ``key="ladder"``, the ladder) as a Markdown table."""
-    lines = ["| width | depth | max length | candidates | exit risk | dev nDCG@10 | predicted ms p50 | p95 | "
-             "measured ms p50 | p95 |", "| " + " | ".join(["---"] * 10) + " |"]
+    lines = ["| width | depth | max length | candidates | kept | exit risk | dev nDCG@10 | predicted ms p50 | p95 | "
+             "measured ms p50 | p95 |", "| " + " | ".join(["---"] * 11) + " |"]
     for point in profile_data.get(key) or []:
         measured = (f"{point['measured_ms_p50']:.1f} | {point['measured_ms_p95']:.1f}"
                     if point.get("measured_ms_p50") is not None else "– | –")
         risk = "off" if point["exit_risk"] is None else f"{point['exit_risk']:g}"
+        kept = "all" if point.get("keep") is None else point["keep"]
         lines.append(f"| {point['width']:g} | {point['depth']:g} | {point['max_length']} | {point['candidates']} | "
-                     f"{risk} | {point['ndcg@10']:.4f} | {point['ms_p50']:.1f} | {point['ms_p95']:.1f} | {measured} |")
+                     f"{kept} | {risk} | "
+                     f"{point['ndcg@10']:.4f} | {point['ms_p50']:.1f} | {point['ms_p95']:.1f} | {measured} |")
     return "\n".join(lines)
