@@ -530,6 +530,8 @@ def _config_name(config: Mapping[str, Any]) -> str:
         parts.append(f"L{config['max_length']}")
     if "candidates" in config:
         parts.append(f"c{config['candidates']}")
+    if config.get("keep") is not None:
+        parts.append(f"keep{config['keep']}")
     return "-".join(parts) or "first-stage order"
 
 
