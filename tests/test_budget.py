@@ -139,6 +139,10 @@ def test_a_cascade_is_a_knob_of_the_configuration():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(InputError, match="keep must be a positive integer"):
             RerankConfig(keep=bad)
+    # fewer candidates make a plain configuration cheaper, not a cascade's second pass
+    plain = FrontierPoint(RerankConfig(), 0.5, 100.0, 120.0, 20.0)
+    pruned = FrontierPoint(cascade, 0.5, 100.0, 120.0, 20.0)
+    assert plain.predicted_p95(50) == pytest.approx(70.0) and pruned.predicted_p95(50) == pytest.approx(120.0)
 
 
 def point(ms: float, ndcg: float, candidates: int = 100, fixed: float = 0.0) -> FrontierPoint:

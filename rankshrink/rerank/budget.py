@@ -191,8 +191,11 @@ class FrontierPoint:
         return min(MAX_CORRECTION, max(1 / MAX_CORRECTION, self.measured_ms_p50 / self.ms_p50))
 
     def predicted_p95(self, candidates: int) -> float:
-        """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper),
-        corrected by the profile's timing of this configuration."""
+        """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper, except
+        in a cascade, whose second pass may cost as much on fewer), corrected by the profile's timing of this
+        configuration."""
+        if self.config.reranked < self.config.candidates:
+            return self.ms_p95 * self.correction
         reranked = min(candidates, self.config.candidates)
         uncorrected = self.ms_fixed + (self.ms_p95 - self.ms_fixed) * reranked / self.config.candidates
         return uncorrected * self.correction

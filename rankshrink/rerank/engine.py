@@ -456,13 +456,14 @@ class Reranker:
         kept = pruner_choice(first.scores.tolist(), config.keep)
         second = self._score(query, [passages[p] for p in kept], replace(config, keep=None), top_k, deadline,
                              record=False)
-        outcome = _Outcome(torch.tensor(cascade_values(first.scores.tolist(), kept, second.scores.tolist())),
-                           first.layers_used.clone(), first.deadline_hit or second.deadline_hit,
-                           first.tokenize_ms + second.tokenize_ms, first.elapsed_ms + second.elapsed_ms,
-                           first.lengths, first.batch_sizes + second.batch_sizes)
-        outcome.layers_used[torch.tensor(kept, dtype=torch.long)] = second.layers_used
-        outcome.work = cascade_work(first.work, second.work, pruner.width)
-        return outcome
+        layers_used = first.layers_used.clone()
+        layers_used[torch.tensor(kept, dtype=torch.long)] = second.layers_used
+        return _Outcome(torch.tensor(cascade_values(first.scores.tolist(), kept, second.scores.tolist())),
+                        layers_used, deadline_hit=first.deadline_hit or second.deadline_hit,
+                        tokenize_ms=first.tokenize_ms + second.tokenize_ms,
+                        elapsed_ms=first.elapsed_ms + second.elapsed_ms, lengths=first.lengths,
+                        batch_sizes=first.batch_sizes + second.batch_sizes,
+                        work=cascade_work(first.work, second.work, pruner.width))
 
     def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
         length = max(lengths[p] for p in group)
