@@ -194,7 +194,8 @@ class Pipeline:
     hub id, a loaded ``DynamicCrossEncoder``, or a ``rankshrink.rerank.Reranker``; without a model, hits are
     the first stage's. Passage texts come from ``collection`` (a JSONL/TSV file or ir_datasets id) when
     given, else from the index. ``width``, ``depth``, ``max_length``, ``keep`` (a cascade: see ``Reranker``),
-    ``exits`` fix the reranker when no budget is given; ``budget_ms`` (here or per call) lets the reranker choose, inside the budget.
+    ``exits`` fix the reranker when no budget is given; ``budget_ms`` (here or per call) lets the reranker
+    choose, inside the budget.
     ``concurrency``, ``overhead_ms`` and ``headroom``: see the module's notes on admission.
     ``adapt_to_load=True`` lets the engine scale its latency predictions by the load it measured on recent
     queries (fewer deadline cuts on a busier machine, but a query's configuration, and so its ranking, then
