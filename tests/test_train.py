@@ -409,6 +409,18 @@ def test_the_exits_stage_trains_new_exit_heads_on_the_frozen_network_and_reruns_
     assert not torch.equal(rerun["exits.0.pooler.weight"], trained["exits.0.pooler.weight"])
 
 
+def test_the_exit_offset_weight_keys_the_exits_stage_alone(tiny_data):
+    section = tiny_section(tiny_data)
+    default = Trainer(train_spec_from_dict(section), progress=False)
+    light = Trainer(train_spec_from_dict(tiny_section(tiny_data, losses={"exit_offset": 0.1})), progress=False)
+    # the network's checkpoint is shared (only the exits stage runs again); the whole recipe's key differs
+    assert light.fingerprint == default.fingerprint and light.recipe_fingerprint != default.recipe_fingerprint
+    assert light._exit_offset_weight() == 0.1 and default._exit_offset_weight() == default.spec.losses.exit_kl == 1.0
+    for bad in (-1, "heavy", True):
+        with pytest.raises(InputError, match="losses.exit_offset must be a weight >= 0"):
+            train_spec_from_dict(tiny_section(tiny_data, losses={"exit_offset": bad}))
+
+
 def test_a_prefix_depth_stage_trains_fresh_pair_heads_with_the_network_on_the_final_scale(tiny_data):
     from rankshrink import load_model
 

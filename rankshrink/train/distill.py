@@ -57,12 +57,16 @@ class Trainer:
     def __init__(self, spec: TrainSpec, progress: bool = True, log: Callable[[str], None] = print):
         self.spec, self.progress, self.log = spec, progress, log
         recipe = asdict(spec)
-        if spec.depth_layers == "spread":   # the default leaves out: recipes keep the fingerprints they had before it
-            del recipe["depth_layers"]
+        if spec.losses.exit_offset is None:   # defaults left out: recipes keep the fingerprints they had before them
+            del recipe["losses"]["exit_offset"]
+        network = dict(recipe)
+        if spec.depth_layers == "spread":
+            del recipe["depth_layers"], network["depth_layers"]
             apart = EXIT_STAGE_KEYS
+            network["losses"] = {key: value for key, value in recipe["losses"].items() if key != "exit_offset"}
         else:   # a prefix depth stage trains the exit heads with the network: exit_pooling is the network's too
             apart = ("exits",)
-        self.fingerprint = json_digest({key: value for key, value in recipe.items() if key not in apart}, 16)
+        self.fingerprint = json_digest({key: value for key, value in network.items() if key not in apart}, 16)
         self.recipe_fingerprint = json_digest(recipe, 16)
         self.cache = Path(spec.cache)
         self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint
@@ -412,7 +416,7 @@ class Trainer:
                     lambda: sum(listwise_kl(s, final, temperature) for s in out.exit_scores.values())
                     / len(out.exit_scores))
                 if on_exit_scale:
-                    add("exit_offset", weights.exit_kl / len(configs),
+                    add("exit_offset", self._exit_offset_weight() / len(configs),
                         lambda: sum(list_offset(s, final) for s in out.exit_scores.values()) / len(out.exit_scores))
                 if grades is not None:
                     add("exit_labels_ce", weights.exit_labels_ce / len(configs),
@@ -421,6 +425,10 @@ class Trainer:
         if not parts:
             raise ValueError(f"stage {stage}: every loss weight that applies to this list is 0")
         return parts
+
+    def _exit_offset_weight(self) -> float:
+        weights = self.spec.losses
+        return weights.exit_kl if weights.exit_offset is None else weights.exit_offset
 
     def _exit_losses(self, model: DynamicCrossEncoder, batch: dict[str, torch.Tensor], grades: torch.Tensor | None,
                      configs: Sequence[tuple[float, float]]) -> dict[str, torch.Tensor]:
@@ -442,7 +450,7 @@ class Trainer:
             if weights.exit_kl:
                 parts["exit_kl"] = parts.get("exit_kl", 0) + weights.exit_kl * share * sum(
                     listwise_kl(score, final, weights.temperature) for score in exits)
-                parts["exit_offset"] = parts.get("exit_offset", 0) + weights.exit_kl * share * sum(
+                parts["exit_offset"] = parts.get("exit_offset", 0) + self._exit_offset_weight() * share * sum(
                     list_offset(score, final) for score in exits)
             if weights.exit_labels_ce and grades is not None:
                 parts["exit_labels_ce"] = parts.get("exit_labels_ce", 0) + weights.exit_labels_ce * share * sum(

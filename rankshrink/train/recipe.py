@@ -111,6 +111,9 @@ class LossWeights:
     inplace_kl: float = 1.0         # sub-network ← full network's scores (DynaBERT)
     hidden_mse: float = 1.0         # sub-network ← full network's hidden states (TinyBERT's intermediate loss)
     exit_kl: float = 1.0            # exit heads ← the final layer's scores (FastBERT self-distillation)
+    # Exit heads ← the mean of each list's final scores (the KL leaves a head's offset free; the engine ranks an
+    # exited document among final scores). None: exit_kl's weight.
+    exit_offset: float | None = None
     sub_labels_ce: float = 0.0      # sub-networks ← graded labels directly (the labels-only ablation)
     exit_labels_ce: float = 0.0     # exit heads ← graded labels directly (the labels-only ablation)
     # What width and depth stages distill from. "frozen" (DynaBERT): every configuration, the full one included,
@@ -274,6 +277,9 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         section["rewire_lists"] = int(rewire.get("lists", 64))
     if "losses" in section:
         section["losses"] = _build(LossWeights, section["losses"] or {}, f"{where}.losses")
+        offset = section["losses"].exit_offset
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset < 0):
+            raise InputError(f"{where}.losses.exit_offset must be a weight >= 0 (or absent), got {offset!r}")
         if section["losses"].reference not in ("frozen", "inplace"):
             raise InputError(f"{where}.losses.reference must be frozen or inplace, got {section['losses'].reference!r}")
     for key in ("widths", "depths"):
