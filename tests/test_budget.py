@@ -128,6 +128,7 @@ def test_the_cost_model_prices_a_cascades_first_pass_at_its_own_width():
 def test_a_cascade_is_a_knob_of_the_configuration():
     cascade = RerankConfig(1.0, 1.0, 128, 100, None, keep=20)
     assert cascade.reranked == 20 and "keep 20" in cascade.label()
+    assert cascade.cascades(100) and not cascade.cascades(20) and not RerankConfig().cascades(100)
     assert RerankConfig.from_dict(json.loads(json.dumps(cascade.as_dict()))) == cascade
     assert RerankConfig.from_dict({"width": 0.5}).keep is None                       # profiles made before cascades
     assert RerankConfig(candidates=10, keep=20).reranked == 10 and "keep" not in RerankConfig(keep=100).label()

@@ -95,9 +95,14 @@ class RerankConfig:
         """How many candidates this configuration's network reranks (of ``candidates``)."""
         return self.candidates if self.keep is None else min(self.keep, self.candidates)
 
+    def cascades(self, count: int) -> bool:
+        """Whether reranking ``count`` first-stage candidates at this configuration is a cascade: its network
+        sees fewer of them than it reranks."""
+        return self.keep is not None and self.keep < min(count, self.candidates)
+
     def label(self) -> str:
         exits = "off" if self.exit_risk is None else f"{self.exit_risk:g}"
-        keep = f" keep {self.keep}" if self.keep is not None and self.keep < self.candidates else ""
+        keep = f" keep {self.keep}" if self.cascades(self.candidates) else ""
         return f"w{self.width:g} d{self.depth:g} L{self.max_length} K{self.candidates}{keep} exits {exits}"
 
 
@@ -194,7 +199,7 @@ class FrontierPoint:
         """The 95th-percentile prediction for a query with ``candidates`` candidates (fewer is cheaper, except
         in a cascade, whose second pass may cost as much on fewer), corrected by the profile's timing of this
         configuration."""
-        if self.config.reranked < self.config.candidates:
+        if self.config.cascades(self.config.candidates):
             return self.ms_p95 * self.correction
         reranked = min(candidates, self.config.candidates)
         uncorrected = self.ms_fixed + (self.ms_p95 - self.ms_fixed) * reranked / self.config.candidates

@@ -362,7 +362,7 @@ class Reranker:
         passages = _texts_for(reranked, docids, texts)
         if budget_ms == 0 or not reranked:
             outcome = None
-        elif config.keep is not None and config.keep < len(reranked):
+        elif config.cascades(len(reranked)):
             outcome = self._score_cascade(query, passages, config, top_k, deadline)
         else:
             outcome = self._score(query, passages, config, top_k, deadline, record=False)
@@ -453,12 +453,13 @@ class Reranker:
         ``cascade_values`` orders that way."""
         pruner = self.pruner(config, len(passages))
         first = self._score(query, passages, pruner, top_k, deadline, record=False)
-        kept = pruner_choice(first.scores.tolist(), config.keep)
+        order = first_pass_order(first.scores.tolist())
+        kept = order[:config.keep]
         second = self._score(query, [passages[p] for p in kept], replace(config, keep=None), top_k, deadline,
                              record=False)
         layers_used = first.layers_used.clone()
         layers_used[torch.tensor(kept, dtype=torch.long)] = second.layers_used
-        return _Outcome(torch.tensor(cascade_values(first.scores.tolist(), kept, second.scores.tolist())),
+        return _Outcome(torch.tensor(cascade_values(len(passages), order, second.scores.tolist())),
                         layers_used, deadline_hit=first.deadline_hit or second.deadline_hit,
                         tokenize_ms=first.tokenize_ms + second.tokenize_ms,
                         elapsed_ms=first.elapsed_ms + second.elapsed_ms, lengths=first.lengths,
@@ -631,23 +632,23 @@ def assemble(docids: Sequence[str], values: Sequence[float]) -> dict[str, float]
     return scores
 
 
-def pruner_choice(first_scores: Sequence[float], keep: int) -> list[int]:
-    """Positions of the ``keep`` best first-pass scores, best first (ties in first-stage order; NaN: never)."""
+def first_pass_order(first_scores: Sequence[float]) -> list[int]:
+    """Positions the first pass of a cascade scored, best first (ties in first-stage order); its first
+    ``keep`` go on to the second pass."""
     scored = [p for p, score in enumerate(first_scores) if not math.isnan(score)]
-    return sorted(scored, key=lambda p: (-first_scores[p], p))[:keep]
+    return sorted(scored, key=lambda p: (-first_scores[p], p))
 
 
-def cascade_values(first_scores: Sequence[float], kept: Sequence[int], second_scores: Sequence[float]) -> list[float]:
-    """One value per candidate of a cascade, in ``assemble``'s sense: the kept candidates' second-pass scores;
-    below them the other first-pass-scored candidates (and kept ones the deadline left without a second
-    score) in the first pass's order; NaN where neither pass scored."""
-    values = [math.nan] * len(first_scores)
-    for position, score in zip(kept, second_scores):
+def cascade_values(count: int, order: Sequence[int], second_scores: Sequence[float]) -> list[float]:
+    """One value per candidate of a cascade, in ``assemble``'s sense: the kept candidates' (``order``'s first
+    ``len(second_scores)``) second-pass scores; below them the rest of ``order`` (kept ones the deadline left
+    without a second score too), in that order; NaN where the first pass did not score."""
+    values = [math.nan] * count
+    for position, score in zip(order, second_scores):
         values[position] = score
     scored = [value for value in values if not math.isnan(value)]
     floor = min(scored) - 1.0 if scored else 0.0
-    rest = [p for p in range(len(first_scores)) if math.isnan(values[p]) and not math.isnan(first_scores[p])]
-    for rank, position in enumerate(sorted(rest, key=lambda p: (-first_scores[p], p))):
+    for rank, position in enumerate(p for p in order if math.isnan(values[p])):
         values[position] = floor - rank
     return values
 

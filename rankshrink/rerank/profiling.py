@@ -40,8 +40,8 @@ from ..data import Qrels, Run, Topics, atomic_write, trec_order
 from ..errors import InputError
 from .budget import CostModel, FrontierPoint, RerankConfig, nested_ladder, pareto_frontier
 from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
-from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, cascade_values, cascade_work, layer_gflops,
-                     pack, pruner_choice, regroup)
+from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, cascade_values, cascade_work,
+                     first_pass_order, layer_gflops, pack, regroup)
 
 DEFAULT_MAX_LENGTHS = (64, 128, 256)
 TIMING_ROUNDS = 4
@@ -142,13 +142,14 @@ def simulate_cascade(first_trace: Trace, trace: Trace, config: RerankConfig, pru
     count = min(config.candidates, len(trace.lengths))
     first, first_work = simulate(first_trace, replace(pruner, candidates=count), None, model, top_k, batch_tokens,
                                  max_padding, flops_cache)
-    kept = pruner_choice(first, config.keep)
+    order = first_pass_order(first)
+    kept = order[:config.keep]
     index = np.asarray(kept, dtype=np.int64)
     chosen = Trace({layer: scores[index] for layer, scores in trace.layer_scores.items()}, trace.final[index],
                    [trace.lengths[p] for p in kept], trace.stats)
     second, second_work = simulate(chosen, replace(config, candidates=len(kept), keep=None), margins, model, top_k,
                                    batch_tokens, max_padding, flops_cache)
-    return cascade_values(first, kept, second), cascade_work(first_work, second_work, pruner.width)
+    return cascade_values(count, order, second), cascade_work(first_work, second_work, pruner.width)
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -299,7 +300,7 @@ def _simulate(reranker: Reranker, dev: list[_DevQuery], traces: Mapping[tuple[fl
         runs[config], works[config] = {}, []
         pruner = reranker.pruner(config, config.candidates) if config.keep is not None else None
         for position, (query, trace) in enumerate(zip(dev, traces[_base(config)])):
-            if pruner is not None and config.keep < min(config.candidates, len(trace.lengths)):
+            if config.cascades(len(trace.lengths)):
                 values, work = simulate_cascade(traces[_base(pruner)][position], trace, config, pruner, margins,
                                                 reranker.model, top_k, reranker.batch_tokens, reranker.max_padding,
                                                 flops_cache)
