@@ -8,7 +8,8 @@ the depth), with each one's FLOPs; ablation models as extra rows; a PNG of nDCG 
 
 Scores are model.score in fp32 (the quality of the weights, not of the engine's bf16 or exits). Each
 configuration's run is written to runs/distill/<model>/<config>.trec, so ``rankshrink eval`` reproduces every
-number; FLOPs are per query: the sum over its 100 (query, passage) pairs of ``model.flops`` at their token count.
+number; FLOPs are per query: the sum over its 100 (query, passage) pairs of ``model.flops`` at their token count
+(the last layer for [CLS] alone where the final head scores; an exit head reads every token).
 """
 from __future__ import annotations
 
@@ -55,10 +56,8 @@ def score_queries(model, run, topics, collection, max_length: int, configs, exit
                         continue   # the last exit is the final head
                     exit_name = f"exit-{layer + 1}" if width == 1.0 else f"w{width:g}-exit-{layer + 1}"
                     runs.setdefault(exit_name, {})[qid] = dict(zip(docids, scores.float().tolist()))
-                    fraction = (layer + 1) / model.config.num_layers
                     gflops.setdefault(exit_name, []).append(sum(
-                        (model.flops(width, 1.0, n) - model.head_flops()) * fraction + model.head_flops()
-                        for n in lengths) / 1e9)
+                        (layer + 1) * model.layer_flops(width, n) + model.head_flops() for n in lengths) / 1e9)
     return runs, {name: sum(values) / len(values) for name, values in gflops.items()}
 
 
@@ -102,7 +101,9 @@ def main() -> int:
             rows.append({"model": name, "config": config, "ndcg@10": round(scores[config]["ndcg@10"], 4),
                          "of_full": round(scores[config]["ndcg@10"] / full, 4), "gflops": round(gflops[config], 2)})
         print(f"{name}: full network nDCG@10 {full:.4f}", file=sys.stderr)
-    rows += kept
+    # Rows kept from earlier runs (ablations: the same architecture and tokens) take this run's FLOPs count.
+    counted = {row["config"]: row["gflops"] for row in rows if row["model"] == main_name}
+    rows += [{**row, "gflops": counted.get(row["config"], row["gflops"])} for row in kept]
 
     args.output.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.output / "results.json") as out:

@@ -145,11 +145,14 @@ def test_flops_ratios():
     from rankshrink.model import DynamicCrossEncoder
 
     model = DynamicCrossEncoder(ModelConfig())   # MiniLM-L6's shape
+    layer, last = model.layer_flops(1.0, 96), model.layer_flops(1.0, 96, first_token_only=True)
+    assert 3.5e8 < layer < 3.6e8         # ≈ 0.354 GFLOPs per layer and 96-token pair
+    assert last / layer == pytest.approx(0.248, abs=1e-3)    # Q, K, V for every token, the rest for [CLS]
     full = model.flops(1.0, 1.0, 96)
-    assert 2.1e9 < full < 2.2e9          # ≈ 2.13 GFLOPs per 96-token pair
+    assert full == 5 * layer + last + model.head_flops()     # ≈ 1.86 GFLOPs per pair
     assert model.flops(0.5, 1.0, 96) / full == pytest.approx(0.5, abs=1e-3)
-    assert model.flops(1.0, 0.5, 96) / full == pytest.approx(0.5, abs=1e-3)
-    assert model.flops(0.5, 0.75, 96) / full == pytest.approx(0.5 * 5 / 6, abs=1e-3)
+    assert model.flops(1.0, 0.5, 96) == 2 * layer + last + model.head_flops()
+    assert model.layer_flops(0.5, 96) / layer == pytest.approx(0.5, abs=1e-3)
 
 
 def test_subnetwork_is_physically_smaller_and_scores_the_same(tiny_dir):
@@ -240,6 +243,21 @@ def test_a_prefix_depth_runs_the_first_layers_and_ends_at_their_exit_head(tiny_d
     del manifest["depth_layers"]                             # as models written before prefix depths
     (tmp_path / "prefix" / "rankshrink.json").write_text(json.dumps(manifest))
     assert load_quietly(tmp_path / "prefix").layers_for(0.5) == [0, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_layer_for_the_first_token_alone_is_that_token_of_the_whole_layer(tiny_dir, dtype):
+    """The engine runs the last layer for [CLS] alone: the same row, the other tokens still attended to."""
+    model = load_quietly(tiny_dir).to(dtype)
+    batch = model.tokenize(*pairs(7))                       # padded: the pairs differ in length
+    mask = model.attention_mask_for(batch["attention_mask"])
+    with torch.inference_mode():
+        hidden = model.run_layer(0, model.embed(batch["input_ids"], batch["token_type_ids"]), mask)
+        for width in (1.0, 0.5):
+            whole = model.run_layer(1, hidden, mask, width)
+            first = model.run_layer(1, hidden, mask, width, first_token_only=True)
+            assert first.shape == (7, 1, model.config.hidden_size)
+            assert torch.allclose(first[:, 0].float(), whole[:, 0].float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_building_blocks_on_a_shrinking_batch_match_forward(tiny_dir):

@@ -216,16 +216,18 @@ def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     With 32-wide heads and sequences of 64–256 tokens, SDPA's CPU flash kernel is the slower choice in bf16
     (eval/README.md); in fp32 it is the faster one, so fp32 keeps SDPA. ``mask``: None or the boolean
     [batch, 1, 1, length] of ``attention_mask_for``; any other mask goes to SDPA."""
-    batch, heads, length, size = q.shape
+    batch, heads, length, size = k.shape
+    queries = q.shape[2]
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (batch, 1, 1, length)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    q, k, v = (part.reshape(batch * heads, length, size) for part in (q, k, v))
+    q = q.reshape(batch * heads, queries, size)
+    k, v = (part.reshape(batch * heads, length, size) for part in (k, v))
     padding = None
     if mask is not None:
         padding = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         padding = padding.expand(batch, heads, 1, length).reshape(batch * heads, 1, length)
     context = torch.empty_like(q)
-    step = max(1, ATTENTION_SLICE_BYTES // (length * length * q.element_size()))
+    step = max(1, ATTENTION_SLICE_BYTES // (queries * length * q.element_size()))
     for start in range(0, batch * heads, step):
         part = slice(start, start + step)
         if padding is None:
@@ -233,7 +235,7 @@ def bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
         else:
             scores = torch.baddbmm(padding[part], q[part], k[part].transpose(1, 2), alpha=size ** -0.5)
         torch.bmm(torch.softmax(scores, -1), v[part], out=context[part])
-    return context.view(batch, heads, length, size)
+    return context.view(batch, heads, queries, size)
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused: bool,
@@ -308,13 +310,16 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, heads: int,
-                head_mask: torch.Tensor | None = None) -> torch.Tensor:
+                head_mask: torch.Tensor | None = None, first_token_only: bool = False) -> torch.Tensor:
         batch, length, _ = hidden.shape
         inner = heads * self.head_size
         fused = use_fused_kernels(hidden, self.training)
         # Width: the first heads' rows of QKV and columns of the output projection (views, no copy).
         qkv = dense(hidden, self.qkv.weight[:3 * inner], self.qkv.bias[:3 * inner], fused)
         q, k, v = (part.transpose(1, 2) for part in qkv.view(batch, length, heads, 3, self.head_size).unbind(3))
+        if first_token_only:  # every token is a key, only [CLS] asks
+            q, hidden = q[:, :, :1], hidden[:, :1].contiguous()
+            length = 1
         if fused and q.dtype == torch.bfloat16:
             context = bf16_attention(q, k, v, mask)
         else:
@@ -359,8 +364,8 @@ class Layer(nn.Module):
         self.attention = SelfAttention(config)
         self.ffn = FeedForward(config)
 
-    def forward(self, hidden, mask, heads, neurons, head_mask=None, neuron_mask=None):
-        return self.ffn(self.attention(hidden, mask, heads, head_mask), neurons, neuron_mask)
+    def forward(self, hidden, mask, heads, neurons, head_mask=None, neuron_mask=None, first_token_only=False):
+        return self.ffn(self.attention(hidden, mask, heads, head_mask, first_token_only), neurons, neuron_mask)
 
 
 # What a ranking head reads from the hidden states:
@@ -488,18 +493,26 @@ class DynamicCrossEncoder(nn.Module):
         """Floating-point operations (2 per multiply-add) to score one pair of ``seq_len`` tokens.
 
         Matmuls only: embedding lookups, LayerNorm, softmax and GELU are O(seq_len · hidden) and left out.
+        The last layer runs for [CLS] alone where its head reads nothing else (``scores_from_first_token``).
         """
+        layers = self.layers_for(depth)
+        return (sum(self.layer_flops(width, seq_len) for _ in layers[:-1])
+                + self.layer_flops(width, seq_len, self.scores_from_first_token(layers[-1])) + self.head_flops())
+
+    def layer_flops(self, width: float, seq_len: int, first_token_only: bool = False) -> int:
+        """FLOPs of one layer at ``width`` on one pair of ``seq_len`` tokens (``run_layer``'s ``first_token_only``:
+        Q, K, V for every token, the rest for [CLS] alone)."""
         s, h = seq_len, self.config.hidden_size
         a = self.heads_for(width) * self.config.head_size   # attention width
         f = self.neurons_for(width)                         # FFN width
-        per_layer = (
+        rows = 1 if first_token_only else s                 # tokens that ask (queries) and go on through the layer
+        return (
             3 * 2 * s * h * a      # Q, K, V projections
-            + 2 * s * s * a        # scores Q·Kᵀ, all heads
-            + 2 * s * s * a        # attention-weighted sum of V
-            + 2 * s * a * h        # attention output projection
-            + 2 * 2 * s * h * f    # FFN up and down
+            + 2 * rows * s * a     # scores Q·Kᵀ, all heads
+            + 2 * rows * s * a     # attention-weighted sum of V
+            + 2 * rows * a * h     # attention output projection
+            + 2 * 2 * rows * h * f # FFN up and down
         )
-        return len(self.layers_for(depth)) * per_layer + self.head_flops()
 
     def head_flops(self) -> int:
         """FLOPs of one ranking head (final or exit) on one pair: pooler + classifier on [CLS]."""
@@ -524,13 +537,15 @@ class DynamicCrossEncoder(nn.Module):
 
     def run_layer(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                   width: float = 1.0, *, head_mask: torch.Tensor | None = None,
-                  neuron_mask: torch.Tensor | None = None) -> torch.Tensor:
+                  neuron_mask: torch.Tensor | None = None, first_token_only: bool = False) -> torch.Tensor:
         """Physical layer ``index`` at ``width``. ``attention_mask``: [batch, length] 1/0, or the output of
         ``attention_mask_for`` (compute it once per batch), or None. ``head_mask`` [num_heads] and
-        ``neuron_mask`` [intermediate_size] multiply head outputs / FFN activations (for importance)."""
+        ``neuron_mask`` [intermediate_size] multiply head outputs / FFN activations (for importance).
+        ``first_token_only``: return [batch, 1, hidden], the [CLS] token alone (every token still attended
+        to) — all that a [CLS] head after the last layer reads (``scores_from_first_token``), at ~1/5 of the cost."""
         mask = self.attention_mask_for(attention_mask)
         return self.layers[index](hidden, mask, self.heads_for(width), self.neurons_for(width),
-                                  head_mask, neuron_mask)
+                                  head_mask, neuron_mask, first_token_only)
 
     def exit_score(self, index: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -553,6 +568,16 @@ class DynamicCrossEncoder(nn.Module):
         if self.config.depth_layers == "prefix":
             return self.exit_score(index, hidden, attention_mask, token_type_ids)
         return self.head(hidden)
+
+    def scores_from_first_token(self, index: int) -> bool:
+        """Whether ``last_score`` after physical layer ``index`` reads the [CLS] token alone (a "cls" head), so
+        that layer may run ``first_token_only``."""
+        if self.config.depth_layers == "prefix":
+            return self._exit_head(index).pooling == "cls"
+        return self.head.pooling == "cls"
+
+    def _exit_head(self, index: int) -> RankingHead:
+        return self.head if index == self.config.num_layers - 1 else self.exits[str(index)]
 
     def has_exit(self, index: int) -> bool:
         return index == self.config.num_layers - 1 or str(index) in self.exits
@@ -585,10 +610,16 @@ class DynamicCrossEncoder(nn.Module):
         hidden = self.embed(input_ids, token_type_ids)
         hidden_states = [hidden] if output_hidden_states else None
         exit_scores: dict[int, torch.Tensor] = {}
+        # Scoring only: the last layer for [CLS] alone when nothing after it reads other tokens. Training keeps
+        # every token (the same scores; the dropout masks, and so a seed's model, stay as they were).
+        last = layers[-1]
+        first_token_only = (not self.training and not output_hidden_states and self.scores_from_first_token(last)
+                            and (last not in wanted or self._exit_head(last).pooling == "cls"))
         for index in layers:
             hidden = self.run_layer(index, hidden, mask, width,
                                     head_mask=None if head_mask is None else head_mask[index],
-                                    neuron_mask=None if neuron_mask is None else neuron_mask[index])
+                                    neuron_mask=None if neuron_mask is None else neuron_mask[index],
+                                    first_token_only=first_token_only and index == last)
             if hidden_states is not None:
                 hidden_states.append(hidden)
             if index in wanted:

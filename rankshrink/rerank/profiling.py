@@ -109,11 +109,12 @@ def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | 
     for position, layer in enumerate(layers):
         last = position == len(layers) - 1
         head = last or model.has_exit(layer)
+        first_token_only = last and model.scores_from_first_token(layer)
         for group in groups:
             length = max(lengths[p] for p in group)
-            key = (config.width, length)
+            key = (config.width, length, first_token_only)
             if key not in cache:
-                cache[key] = layer_gflops(model, config.width, length, 1)
+                cache[key] = layer_gflops(model, config.width, length, 1, first_token_only)
             work["steps"] += 1
             work["gflops"] += cache[key] * len(group)
         running = [p for group in groups for p in group]
