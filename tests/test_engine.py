@@ -15,7 +15,7 @@ from rankshrink.data import trec_order
 from rankshrink.errors import InputError
 from rankshrink.rerank import Reranker, RerankConfig
 from rankshrink.rerank.calibration import LEVELS
-from rankshrink.rerank.engine import assemble, pack, regroup
+from rankshrink.rerank.engine import LENGTH_STEP, assemble, pack, padded_length, regroup
 from test_model_fixtures import WORDS, pair_exits, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -312,12 +312,27 @@ def test_pack_and_regroup_cover_every_document_once_within_the_limits():
     assert sorted(p for g in groups for p in g) == list(range(200))
     for group in groups:
         longest = max(lengths[p] for p in group)
-        assert len(group) == 1 or len(group) * longest <= 512
+        assert len(group) == 1 or len(group) * padded_length(longest, 512) <= 512
         assert len(group) == 1 or len(group) * longest - sum(lengths[p] for p in group) <= 0.2 * len(group) * longest
     survivors = [[p for p in g if rng.random() < 0.3] for g in groups]
     merged = regroup(survivors, lengths, 512, 0.2)
     assert [p for g in merged for p in g] == [p for g in survivors for p in g]
     assert len(merged) < len([g for g in survivors if g])
+
+
+def test_micro_batches_are_padded_to_a_multiple_of_the_length_step(tiny):
+    assert [padded_length(n, 40) for n in (1, 16, 17, 33, 40, 41)] == [16, 16, 32, 40, 40, 41]
+    lengths = []
+    reranker = Reranker(tiny, max_length=60, exits=False, dtype="fp32", batch_tokens=128)
+    real_run_layer = reranker.model.run_layer
+    reranker.model.run_layer = lambda index, hidden, *args, **kwargs: (
+        lengths.append(hidden.shape[1]), real_run_layer(index, hidden, *args, **kwargs))[1]
+    candidates, texts = candidates_and_texts(30)
+    try:
+        reranker.rerank("why is the sky blue", candidates, texts)
+    finally:
+        reranker.model.run_layer = real_run_layer
+    assert len(set(lengths)) > 1 and all(n % LENGTH_STEP == 0 for n in lengths), lengths
 
 
 def test_minilm_exits_off_fp32_equals_model_score(shared):

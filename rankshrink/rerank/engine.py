@@ -6,7 +6,8 @@ What makes it fast, in the order the time goes:
   truncated), and only the candidates that will be reranked;
 * **length-sorted micro-batches**: pairs sorted by length and cut into batches of at most ``batch_tokens``
   padded tokens with little padding — a few thousand tokens keep oneDNN's matmuls efficient and their
-  activations in cache (one 100-pair batch padded to the longest pair was 2.7× slower, see eval/);
+  activations in cache (one 100-pair batch padded to the longest pair was 2.7× slower, see eval/) — each
+  padded to a multiple of ``LENGTH_STEP`` tokens, so that its matrix shapes recur from query to query;
 * **bf16** where the CPU has bf16 arithmetic (AVX512-BF16 / AMX), fp32 elsewhere; the model's fused oneDNN
   kernels under ``torch.inference_mode``;
 * **layer by layer, with early exit**: after each layer with an exit head, a document whose score is
@@ -58,6 +59,10 @@ Dtype = Literal["auto", "bf16", "fp32"]
 # Micro-batches: at most this many padded tokens, at most this share of them padding.
 BATCH_TOKENS = 2048
 MAX_PADDING = 0.15
+# A micro-batch is padded to a multiple of this many tokens. oneDNN builds a kernel for every new matrix shape
+# (rows x length), which costs a query whose batches are new shapes more than its matmuls (eval/README.md); with
+# lengths in steps of 16 the shapes repeat across queries.
+LENGTH_STEP = 16
 # Time kept back from a deadline for putting the result together.
 FINISH_MS = 1.0
 # How fast the load estimate follows the latest query (exponential moving average).
@@ -124,7 +129,8 @@ class Trace:
 def pack(lengths: Sequence[int], positions: Sequence[int] | None = None, batch_tokens: int = BATCH_TOKENS,
          max_padding: float = MAX_PADDING) -> list[list[int]]:
     """Cut ``positions`` (default: all) into micro-batches, shortest pairs first: a batch grows while its
-    padded size (rows × longest) stays within ``batch_tokens`` and padding within ``max_padding`` of it."""
+    padded size (rows × its longest rounded up to ``LENGTH_STEP``) stays within ``batch_tokens`` and the
+    padding to its longest within ``max_padding`` of rows × longest."""
     positions = range(len(lengths)) if positions is None else positions
     groups: list[list[int]] = []
     for position in sorted(positions, key=lambda p: (lengths[p], p)):
@@ -154,7 +160,15 @@ def _fits(group: Sequence[int], extra: Sequence[int], lengths: Sequence[int], ba
     rows = len(group) + len(extra)
     longest = max(max(lengths[p] for p in group), max(lengths[p] for p in extra))
     real = sum(lengths[p] for p in group) + sum(lengths[p] for p in extra)
-    return rows * longest <= batch_tokens and rows * longest - real <= max_padding * rows * longest
+    # The tokens cap counts the padding to LENGTH_STEP; the padding share does not (every batch has it).
+    return (rows * padded_length(longest, longest + LENGTH_STEP) <= batch_tokens
+            and rows * longest - real <= max_padding * rows * longest)
+
+
+def padded_length(longest: int, limit: int) -> int:
+    """The length a micro-batch whose longest pair has ``longest`` tokens is padded to: the next multiple of
+    ``LENGTH_STEP``, at most ``limit`` (the position embeddings), never below ``longest``."""
+    return max(longest, min(-(-longest // LENGTH_STEP) * LENGTH_STEP, limit))
 
 
 def layer_gflops(model, width: float, length: int, rows: int, first_token_only: bool = False) -> float:
@@ -471,13 +485,16 @@ class Reranker:
                         work=cascade_work(first.work, second.work, pruner.width))
 
     def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
-        length = max(lengths[p] for p in group)
+        length = self._padded(max(lengths[p] for p in group))
         input_ids = np.full((len(group), length), self.model.config.pad_token_id, dtype=np.int64)
         for row, position in enumerate(group):
             input_ids[row, :lengths[position]] = ids[position]
         token_types = _token_types(group, types, lengths, length)
         hidden = self.model.embed(torch.from_numpy(input_ids), token_types)
         return _Batch(list(group), hidden, self._mask([lengths[p] for p in group], length), token_types)
+
+    def _padded(self, longest: int) -> int:
+        return padded_length(longest, self.model.config.max_position_embeddings)
 
     def _mask(self, lengths: list[int], length: int) -> torch.Tensor | None:
         if all(n == length for n in lengths):
@@ -501,7 +518,7 @@ class Reranker:
             if len(sources) == 1 and batches[sources[0]].docs == group:
                 result.append(batches[sources[0]])
                 continue
-            length = max(lengths[doc] for doc in group)
+            length = self._padded(max(lengths[doc] for doc in group))
             pieces = []
             for index in sources:
                 rows = [where[doc][1] for doc in group if where[doc][0] == index]
