@@ -267,6 +267,25 @@ def tiny_dev(count_queries: int = 4, count_docs: int = 30, seed: int = 11):
     return run, topics, collection, qrels
 
 
+def test_profile_times_every_configuration_on_one_query_before_the_next(tiny, monkeypatch):
+    """Interleaved, as the bench is: a slow spell of the machine then slows every configuration alike."""
+    timed = []
+    real = Reranker.rerank_config
+
+    def recording(self, query, candidates, texts, config, top_k=None, deadline_ms=None):
+        if deadline_ms is not None:   # the timing step's calls (it sets a far deadline, as budgets do)
+            timed.append((query, config))
+        return real(self, query, candidates, texts, config, top_k, deadline_ms)
+
+    monkeypatch.setattr(Reranker, "rerank_config", recording)
+    run, topics, collection, qrels = tiny_dev()
+    profile(tiny, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[1.0], max_lengths=[16],
+            candidates=[10, 30], exit_risks=[None], keeps=[], dtype="fp32", time_queries=2, top_k=3, progress=False)
+    (first_query, first_config), (second_query, second_config) = timed[:2]
+    assert first_query == second_query and first_config != second_config
+    assert {query for query, _ in timed} == set(list(topics.values())[:2])
+
+
 def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     directory = tmp_path / "model"
     save_model(tiny, directory)

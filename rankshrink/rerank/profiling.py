@@ -323,7 +323,8 @@ def _base(config: RerankConfig) -> tuple[float, float, int]:
 def _time(reranker: Reranker, timing: list[_DevQuery], points: list[FrontierPoint], top_k: int,
           samples: list[tuple[dict, float, float]], progress: bool) -> dict[RerankConfig, list[float]]:
     """Step 4: the frontier's and ladder's configurations rerank dev queries for real; their timings join
-    ``samples``."""
+    ``samples``. Query by query, every configuration in turn, so that a slow spell of this machine falls on
+    all of them alike rather than on the few timed during it."""
     from tqdm.auto import tqdm
 
     measured: dict[RerankConfig, list[float]] = {}
@@ -331,9 +332,9 @@ def _time(reranker: Reranker, timing: list[_DevQuery], points: list[FrontierPoin
         return measured
     with tqdm(total=len(points) * len(timing), desc="timing", unit="query", disable=not progress,
               dynamic_ncols=True) as bar:
-        for point in points:
-            far = 10 * point.ms_p95 + 1000   # a deadline that never stops it, so heads run as in budget mode
-            for query in timing:
+        for query in timing:
+            for point in points:
+                far = 10 * point.ms_p95 + 1000   # a deadline that never stops it, so heads run as in budget mode
                 result = reranker.rerank_config(query.query, query.docids, query.texts, point.config, top_k,
                                                 deadline_ms=far)
                 measured.setdefault(point.config, []).append(result.stats.latency_ms)
