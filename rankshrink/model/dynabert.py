@@ -496,7 +496,7 @@ class DynamicCrossEncoder(nn.Module):
         The last layer runs for [CLS] alone where its head reads nothing else (``scores_from_first_token``).
         """
         layers = self.layers_for(depth)
-        return (sum(self.layer_flops(width, seq_len) for _ in layers[:-1])
+        return ((len(layers) - 1) * self.layer_flops(width, seq_len)
                 + self.layer_flops(width, seq_len, self.scores_from_first_token(layers[-1])) + self.head_flops())
 
     def layer_flops(self, width: float, seq_len: int, first_token_only: bool = False) -> int:

@@ -161,14 +161,20 @@ def _fits(group: Sequence[int], extra: Sequence[int], lengths: Sequence[int], ba
     longest = max(max(lengths[p] for p in group), max(lengths[p] for p in extra))
     real = sum(lengths[p] for p in group) + sum(lengths[p] for p in extra)
     # The tokens cap counts the padding to LENGTH_STEP; the padding share does not (every batch has it).
-    return (rows * padded_length(longest, longest + LENGTH_STEP) <= batch_tokens
+    return (rows * padded_length(longest) <= batch_tokens
             and rows * longest - real <= max_padding * rows * longest)
 
 
-def padded_length(longest: int, limit: int) -> int:
+def padded_length(longest: int, limit: int | None = None) -> int:
     """The length a micro-batch whose longest pair has ``longest`` tokens is padded to: the next multiple of
     ``LENGTH_STEP``, at most ``limit`` (the position embeddings), never below ``longest``."""
-    return max(longest, min(-(-longest // LENGTH_STEP) * LENGTH_STEP, limit))
+    step = -(-longest // LENGTH_STEP) * LENGTH_STEP
+    return step if limit is None else max(longest, min(step, limit))
+
+
+def batch_length(group: Sequence[int], lengths: Sequence[int], model) -> int:
+    """The padded length of the micro-batch of the pairs at ``group``'s positions."""
+    return padded_length(max(lengths[p] for p in group), model.config.max_position_embeddings)
 
 
 def layer_gflops(model, width: float, length: int, rows: int, first_token_only: bool = False) -> float:
@@ -485,16 +491,13 @@ class Reranker:
                         work=cascade_work(first.work, second.work, pruner.width))
 
     def _embed(self, group: list[int], ids: list[list[int]], types: list[list[int]], lengths: list[int]) -> _Batch:
-        length = self._padded(max(lengths[p] for p in group))
+        length = batch_length(group, lengths, self.model)
         input_ids = np.full((len(group), length), self.model.config.pad_token_id, dtype=np.int64)
         for row, position in enumerate(group):
             input_ids[row, :lengths[position]] = ids[position]
         token_types = _token_types(group, types, lengths, length)
         hidden = self.model.embed(torch.from_numpy(input_ids), token_types)
         return _Batch(list(group), hidden, self._mask([lengths[p] for p in group], length), token_types)
-
-    def _padded(self, longest: int) -> int:
-        return padded_length(longest, self.model.config.max_position_embeddings)
 
     def _mask(self, lengths: list[int], length: int) -> torch.Tensor | None:
         if all(n == length for n in lengths):
@@ -518,7 +521,7 @@ class Reranker:
             if len(sources) == 1 and batches[sources[0]].docs == group:
                 result.append(batches[sources[0]])
                 continue
-            length = self._padded(max(lengths[doc] for doc in group))
+            length = batch_length(group, lengths, self.model)
             pieces = []
             for index in sources:
                 rows = [where[doc][1] for doc in group if where[doc][0] == index]

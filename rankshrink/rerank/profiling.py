@@ -40,8 +40,8 @@ from ..data import Qrels, Run, Topics, atomic_write, trec_order
 from ..errors import InputError
 from .budget import CostModel, FrontierPoint, RerankConfig, nested_ladder, pareto_frontier
 from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
-from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, cascade_values, cascade_work,
-                     first_pass_order, layer_gflops, pack, padded_length, regroup)
+from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, batch_length, cascade_values,
+                     cascade_work, first_pass_order, layer_gflops, pack, regroup)
 
 DEFAULT_MAX_LENGTHS = (64, 128, 256)
 TIMING_ROUNDS = 4
@@ -111,7 +111,7 @@ def simulate(trace: Trace, config: RerankConfig, margins: Mapping[int, float] | 
         head = last or model.has_exit(layer)
         first_token_only = last and model.scores_from_first_token(layer)
         for group in groups:
-            length = padded_length(max(lengths[p] for p in group), model.config.max_position_embeddings)
+            length = batch_length(group, lengths, model)
             key = (config.width, length, first_token_only)
             if key not in cache:
                 cache[key] = layer_gflops(model, config.width, length, 1, first_token_only)
