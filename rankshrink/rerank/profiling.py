@@ -43,7 +43,9 @@ from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
 from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, batch_length, cascade_values,
                      cascade_work, first_pass_order, layer_gflops, pack, regroup)
 
-DEFAULT_MAX_LENGTHS = (64, 128, 256)
+# 96: the offline recipe's training length. On the 53 judged dl21 queries the full network ranks as well at 96
+# tokens as at 256 (0.5396 against 0.5408) in 0.9 of the time.
+DEFAULT_MAX_LENGTHS = (64, 96, 128, 256)
 TIMING_ROUNDS = 4
 DEFAULT_CANDIDATES = (10, 20, 30, 50, 100)
 DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.3)
