@@ -206,3 +206,14 @@ def test_minilm_subnetwork_exports_with_the_same_scores(tmp_path):
     expected = model.score(queries, passages, width=0.5, depth=0.75)
     assert expected.std() > 0.1
     assert (hf_scores(hf, model.tokenizer, queries, passages) - expected).abs().max() <= 1e-5
+
+
+def test_a_save_does_not_write_the_last_calls_truncation_into_the_tokenizer(saved, tmp_path):
+    model, directory = saved
+    first = (directory / "tokenizer.json").read_text()
+    model.encode(["a query"] * 2, ["a passage", "another passage"], max_length=24)
+    save_model(model, tmp_path / "again")
+    assert (tmp_path / "again" / "tokenizer.json").read_text() == first
+    assert json.loads(first)["truncation"] is None
+    # the tokenizer in memory keeps what the call set
+    assert model.tokenizer.backend_tokenizer.truncation["max_length"] == 24

@@ -421,6 +421,18 @@ def test_the_exit_offset_weight_keys_the_exits_stage_alone(tiny_data):
             train_spec_from_dict(tiny_section(tiny_data, losses={"exit_offset": bad}))
 
 
+def test_loss_weights_are_numbers_at_least_zero_and_temperatures_above_zero(tiny_data):
+    for name, bad in (("teacher_kl", -0.5), ("hidden_mse", "a lot"), ("labels_ce", None), ("exit_kl", float("nan")),
+                      ("inplace_kl", True)):
+        with pytest.raises(InputError, match=f"losses.{name} must be a weight >= 0"):
+            train_spec_from_dict(tiny_section(tiny_data, losses={name: bad}))
+    for name in ("temperature", "label_temperature"):
+        with pytest.raises(InputError, match=f"losses.{name} must be a temperature > 0"):
+            train_spec_from_dict(tiny_section(tiny_data, losses={name: 0}))
+    spec = train_spec_from_dict(tiny_section(tiny_data, losses={"hidden_mse": 0, "exit_offset": None, "temperature": 2}))
+    assert spec.losses.hidden_mse == 0 and spec.losses.temperature == 2
+
+
 def test_a_prefix_depth_stage_trains_fresh_pair_heads_with_the_network_on_the_final_scale(tiny_data):
     from rankshrink import load_model
 

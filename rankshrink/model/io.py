@@ -321,7 +321,7 @@ def save_model(model: DynamicCrossEncoder, directory: str | os.PathLike) -> Path
             _save_safetensors({f"exits.{name}": tensor for name, tensor in model.exits.state_dict().items()},
                               staging / EXIT_WEIGHTS)
         if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(staging))
+            _save_tokenizer(model.tokenizer, staging)
         _write_json(manifest, staging / MANIFEST)
     return Path(directory)
 
@@ -364,8 +364,27 @@ def export_hf(model: DynamicCrossEncoder, directory: str | os.PathLike, width: f
         _save_safetensors(plain.hf_state_dict(), staging / BACKBONE_WEIGHTS)
         _write_json({"exported_from_rankshrink": small.metadata["subnetwork"]}, staging / "rankshrink_export.json")
         if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(staging))
+            _save_tokenizer(model.tokenizer, staging)
     return Path(directory)
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """``save_pretrained``, without the truncation and padding of the tokenizer's last call: a fast
+    tokenizer keeps them and would write them into tokenizer.json, so two saves of one model would differ."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        tokenizer.save_pretrained(str(directory))
+        return
+    truncation, padding = backend.truncation, backend.padding
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        tokenizer.save_pretrained(str(directory))
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
 
 
 class _ScoreOnly(torch.nn.Module):

@@ -47,6 +47,7 @@ Relative paths are relative to the directory the command runs in (the repository
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -169,6 +170,19 @@ class TrainSpec:
                        cache=str(Path(self.cache) / "smoke"), checkpoint_every=max(1, steps))
 
 
+def _check_loss_weights(losses: LossWeights, where: str) -> None:
+    """Weights are numbers >= 0 (``exit_offset`` may be absent), temperatures numbers > 0."""
+    for item in fields(LossWeights):
+        value = getattr(losses, item.name)
+        if item.name == "reference" or (item.name == "exit_offset" and value is None):
+            continue
+        temperature = item.name.endswith("temperature")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0 or (temperature and value == 0):
+            rule = "a temperature > 0" if temperature else "a weight >= 0"
+            raise InputError(f"{where}.{item.name} must be {rule}, got {value!r}")
+
+
 def _build(cls, values: Mapping[str, Any], where: str):
     if not isinstance(values, Mapping):
         raise InputError(f"{where}: expected a mapping, got {values!r}")
@@ -277,9 +291,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         section["rewire_lists"] = int(rewire.get("lists", 64))
     if "losses" in section:
         section["losses"] = _build(LossWeights, section["losses"] or {}, f"{where}.losses")
-        offset = section["losses"].exit_offset
-        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset < 0):
-            raise InputError(f"{where}.losses.exit_offset must be a weight >= 0 (or absent), got {offset!r}")
+        _check_loss_weights(section["losses"], f"{where}.losses")
         if section["losses"].reference not in ("frozen", "inplace"):
             raise InputError(f"{where}.losses.reference must be frozen or inplace, got {section['losses'].reference!r}")
     for key in ("widths", "depths"):
