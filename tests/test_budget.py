@@ -19,7 +19,7 @@ from rankshrink.model import save_model
 from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
 from rankshrink.rerank.budget import does_at_least, nested_ladder, pareto_frontier
 from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
-from rankshrink.rerank.profiling import profile, save_profile, simulate, simulate_cascade
+from rankshrink.rerank.profiling import _time, dev_queries, profile, save_profile, simulate, simulate_cascade
 from test_engine import candidates_and_texts, with_margins
 from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
@@ -268,22 +268,27 @@ def tiny_dev(count_queries: int = 4, count_docs: int = 30, seed: int = 11):
 
 
 def test_profile_times_every_configuration_on_one_query_before_the_next(tiny, monkeypatch):
-    """Interleaved, as the bench is: a slow spell of the machine then slows every configuration alike."""
+    """Interleaved, as the bench is: a slow spell of the machine then slows every configuration alike. (The
+    timing step itself, on two given points: which points a whole profile times depends on its timings.)"""
     timed = []
     real = Reranker.rerank_config
 
     def recording(self, query, candidates, texts, config, top_k=None, deadline_ms=None):
-        if deadline_ms is not None:   # the timing step's calls (it sets a far deadline, as budgets do)
-            timed.append((query, config))
+        timed.append((query, config))
         return real(self, query, candidates, texts, config, top_k, deadline_ms)
 
     monkeypatch.setattr(Reranker, "rerank_config", recording)
     run, topics, collection, qrels = tiny_dev()
-    profile(tiny, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[1.0], max_lengths=[16],
-            candidates=[10, 30], exit_risks=[None], keeps=[], dtype="fp32", time_queries=2, top_k=3, progress=False)
-    (first_query, first_config), (second_query, second_config) = timed[:2]
-    assert first_query == second_query and first_config != second_config
-    assert {query for query, _ in timed} == set(list(topics.values())[:2])
+    reranker = Reranker(tiny, exits=False, dtype="fp32", profile={})
+    timing = dev_queries(run, topics, collection, qrels, candidates=10, queries=2)
+    small, large = RerankConfig(0.5, 1.0, 16, 10), RerankConfig(1.0, 1.0, 16, 10)
+    samples = []
+    measured = _time(reranker, timing, [FrontierPoint(small, 0.5, 1.0, 1.2), FrontierPoint(large, 0.6, 2.0, 2.4)],
+                     3, samples, progress=False)
+    first, second = timing[0].query, timing[1].query
+    assert first != second
+    assert timed == [(first, small), (first, large), (second, small), (second, large)]
+    assert {config: len(times) for config, times in measured.items()} == {small: 2, large: 2} and len(samples) == 4
 
 
 def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
