@@ -349,9 +349,10 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     reranker.rerank("cat", candidates, texts, budget_ms=600_000)
     reloaded.run_layer = real_run_layer
     reranker._load = 1.0                               # the load estimate, adaptive by design, aside
-    # a budget far above the profiled cost (a busy CPU may be several times slower), below one stalled layer
+    # a budget far above the profiled cost, below one stalled layer: the first step runs. (Later steps may still
+    # stop at the deadline on a busy CPU: the call predicts them from its own first step's speed.)
     after = reranker.rerank("cat", candidates, texts, budget_ms=max(20 * best["ms_p95"], 150.0))
-    assert not after.stats.deadline_hit
+    assert after.stats.batch_sizes and after.stats.scored > 0
 
 
 def test_save_profile_needs_a_rankshrink_directory(tiny_dir, tiny, tmp_path):
