@@ -19,7 +19,8 @@ from rankshrink.model import save_model
 from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
 from rankshrink.rerank.budget import does_at_least, nested_ladder, pareto_frontier
 from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
-from rankshrink.rerank.profiling import _time, dev_queries, profile, save_profile, simulate, simulate_cascade
+from rankshrink.rerank.profiling import (_time, agreement_qrels, dev_queries, profile, save_profile, simulate,
+                                         simulate_cascade)
 from test_engine import candidates_and_texts, with_margins
 from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
@@ -353,6 +354,31 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     # stop at the deadline on a busy CPU: the call predicts them from its own first step's speed.)
     after = reranker.rerank("cat", candidates, texts, budget_ms=max(20 * best["ms_p95"], 150.0))
     assert after.stats.batch_sizes and after.stats.scored > 0
+
+
+def test_profile_without_qrels_judges_by_agreement_with_the_full_network(tiny):
+    """A user's own, unjudged queries: the largest configuration's top 10 stand in for qrels, so it scores
+    1 against itself and a configuration that reranks fewer candidates scores what it misses."""
+    run, topics, collection, _ = tiny_dev()
+    topics["q-unjudged"] = "cat dog"      # every query of the run counts, judged or not
+    run["q-unjudged"] = dict(run["q0"])
+    result = profile(tiny, run, topics, collection, None, widths=[1.0], depths=[1.0], max_lengths=[16],
+                     candidates=[10, 30], exit_risks=[None], keeps=[], dtype="fp32", time_queries=1, top_k=3,
+                     progress=False)
+    assert result.profile["judged_by"] == "agreement with the full network"
+    assert result.profile["queries"] == 5
+    assert result.profile["reference"]["ndcg@10"] == pytest.approx(1.0)
+    fewer = [p for p in result.points if p["candidates"] == 10]
+    assert len(fewer) == 1 and fewer[0]["ndcg@10"] < 1.0
+
+    dev = dev_queries(run, topics, collection, None, candidates=30)
+    reranker = Reranker(tiny, exits=False, dtype="fp32", profile={})
+    traces = [reranker.trace(q.query, q.texts, RerankConfig(1.0, 1.0, 16, 30)) for q in dev]
+    judged = agreement_qrels(dev, traces)
+    first = judged[dev[0].qid]
+    best = max(range(30), key=lambda i: traces[0].final[i])
+    assert len(first) == 10 and sorted(first.values(), reverse=True) == [3, 3, 3, 2, 2, 2, 1, 1, 1, 1]
+    assert first[dev[0].docids[best]] == 3
 
 
 def test_save_profile_needs_a_rankshrink_directory(tiny_dir, tiny, tmp_path):

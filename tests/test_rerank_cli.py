@@ -122,6 +122,18 @@ def test_profile_then_rerank_within_budgets(files, tmp_path, capsys):
         assert read_run(tmp_path / f"b{budget}.trec").keys() == files.first_stage.keys()
 
 
+def test_profile_without_qrels_says_what_judged(files, tmp_path, capsys):
+    output = tmp_path / "profiled"
+    assert main(["profile", "--model", str(files.model), "--run", str(files.run), "--topics", str(files.topics),
+                 "--collection", str(files.collection), "--widths", "1", "--depths", "1", "--max-lengths", "24",
+                 "--candidates", "10", "30", "--exit-risks", "off", "--keeps", "--time-queries", "1",
+                 "--dtype", "fp32", "--quiet", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "dev nDCG@10 1.0000 (against itself)" in printed
+    profile = json.loads((output / "rankshrink.json").read_text())["metadata"]["profile"]
+    assert profile["judged_by"] == "agreement with the full network" and profile["dev"].endswith("(no qrels)")
+
+
 def test_profile_of_a_plain_hugging_face_directory_needs_output(files, capsys):
     code = main(["profile", "--model", str(files.root / "hf"), "--run", str(files.run), "--topics",
                  str(files.topics), "--collection", str(files.collection), "--qrels", str(files.qrels)])

@@ -1,4 +1,4 @@
-"""rankshrink profile --model MODEL_DIR --run RUN --topics T --collection C --qrels Q [--output DIR] ..."""
+"""rankshrink profile --model MODEL_DIR --run RUN --topics T --collection C [--qrels Q] [--output DIR] ..."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--run", required=True, help="dev first-stage TREC run, e.g. dl21 BM25 top-100")
     parser.add_argument("--topics", required=True, help="dev topics")
     parser.add_argument("--collection", required=True, help="dev passages (JSONL, TSV or ir_datasets id)")
-    parser.add_argument("--qrels", required=True, help="dev qrels")
+    parser.add_argument("--qrels", help="dev qrels; without them, quality is agreement with the full network: nDCG@10 "
+                                        "against its own top 10 on every query of the run (your own, unjudged queries)")
     parser.add_argument("--output", type=Path,
                         help="save the model with its profile here (needed when --model is a plain Hugging Face dir)")
     parser.add_argument("--widths", type=float, nargs="+", help="default: the model's trained widths")
@@ -72,15 +73,16 @@ def run(args: argparse.Namespace) -> int:
     if args.output is None and not (model_dir / MANIFEST).is_file():
         raise InputError(f"{model_dir}: not a rankshrink model directory (no {MANIFEST}); give --output DIR to save "
                          f"the model with its profile there")
-    if any(re.search(r"dl19|dl-2019|trec-dl-2019", str(path)) for path in (args.run, args.qrels)):
+    if any(re.search(r"dl19|dl-2019|trec-dl-2019", str(path)) for path in (args.run, args.qrels) if path):
         print("rankshrink profile: warning: this looks like TREC DL 2019, the test set; profile on dev data "
               "(e.g. dl21) so that numbers quoted on dl19 are not tuned on it", file=sys.stderr)
     model = load_model(model_dir)
     result = profile(model, read_run(args.run), read_topics(args.topics), open_collection(args.collection),
-                     read_qrels(args.qrels), widths=args.widths, depths=args.depths, max_lengths=args.max_lengths,
-                     candidates=args.candidates, exit_risks=parse_risks(args.exit_risks), keeps=args.keeps,
+                     read_qrels(args.qrels) if args.qrels else None, widths=args.widths, depths=args.depths,
+                     max_lengths=args.max_lengths, candidates=args.candidates,
+                     exit_risks=parse_risks(args.exit_risks), keeps=args.keeps,
                      dtype=args.dtype, threads=args.threads, queries=args.queries, time_queries=args.time_queries,
-                     top_k=args.top_k, progress=not args.quiet, dev_name=f"{args.run} ({args.qrels})")
+                     top_k=args.top_k, progress=not args.quiet, dev_name=f"{args.run} ({args.qrels or 'no qrels'})")
     if args.output is not None:
         model.metadata["calibration"] = result.calibration
         model.metadata["profile"] = result.profile
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     reference = result.profile.get("reference")
     if reference:
         print(f"\nfull network (width {reference['width']:g}, depth {reference['depth']:g}, "
-              f"{reference['candidates']} candidates, no exits): dev nDCG@10 {reference['ndcg@10']:.4f}, "
+              f"{reference['candidates']} candidates, no exits): dev nDCG@10 {reference['ndcg@10']:.4f}"
+              f"{'' if args.qrels else ' (against itself)'}, "
               f"predicted {reference['ms_p50']:.0f} ms median per query")
     print(f"default exit risk: {result.calibration['default_risk']}; "
           f"{len(result.profile['frontier'])} frontier configurations, {len(result.profile['ladder'])} on the "

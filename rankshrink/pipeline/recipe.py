@@ -37,7 +37,7 @@ repository root, as in ``indexes/*.yaml``)::
       run: ../shared/trec-dl/dl21/runs/bm25.top100.trec   # (budget rows need one: rankshrink profile)
       topics: ../shared/trec-dl/dl21/topics.tsv
       collection: ../shared/trec-dl/dl21/passages.jsonl
-      qrels: ../shared/trec-dl/dl21/qrels.txt
+      qrels: ../shared/trec-dl/dl21/qrels.txt        # optional: without, agreement with the full network judges
       queries: 30                    # optional: profile on the first N judged dev queries; also time_queries,
                                      # max_lengths, candidates: as rankshrink profile's options
     eval:
@@ -173,7 +173,7 @@ def read_recipe(path: str | Path) -> Recipe:
     profile = None
     if raw.get("profile") is not None:
         profile = _check_keys(dict(raw["profile"]), _PROFILE_KEYS, path, "profile.")
-        for key in ("run", "topics", "collection", "qrels"):
+        for key in ("run", "topics", "collection"):
             _require(profile, key, path, "profile.")
     name = raw.get("name") or path.name.removesuffix(".yaml").removesuffix(".yml")
     return Recipe(path=path, name=name, description=raw.get("description", ""), index=index, search=search,
@@ -408,9 +408,11 @@ def _ensure_profile(recipe: Recipe, model: str | None, progress: bool, log) -> N
     grid = {key: section[key] for key in ("max_lengths", "candidates") if key in section}
     log(f"{model} has no profile: profiling it on {section['run']} first (rankshrink profile)")
     result = profile(load_model(model), read_run(section["run"]), read_topics(section["topics"]),
-                     open_collection(section["collection"]), read_qrels(section["qrels"]), **grid,
+                     open_collection(section["collection"]),
+                     read_qrels(section["qrels"]) if section.get("qrels") else None, **grid,
                      queries=section.get("queries"), time_queries=section.get("time_queries", 20),
-                     dtype=recipe.rerank["dtype"], progress=progress, dev_name=f"{section['run']} ({section['qrels']})")
+                     dtype=recipe.rerank["dtype"], progress=progress,
+                     dev_name=f"{section['run']} ({section.get('qrels') or 'no qrels'})")
     save_profile(model, result)
 
 

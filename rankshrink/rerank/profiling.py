@@ -9,7 +9,8 @@ How, without running every configuration on every query:
 3. **Simulate** every number of candidates × exit risk × cascade (candidates kept after the pruner's pass)
    from the traces: the engine's own exit rule, micro-batch packing and cascade replayed on the recorded
    scores give each query's ranking (→ nDCG@10 against the dev qrels) and the work it would do (→ latency,
-   through the cost model fitted to step 1's timings).
+   through the cost model fitted to step 1's timings). Without qrels (a user's own, unjudged queries), the
+   judgments are the full network's own top 10 (``agreement_qrels``): quality is agreement with it.
 4. Keep the **frontier** and the **ladder** (``budget.py``), then **time them for real**: each of their
    configurations reranks dev queries through the engine; the cost model is refitted on all timings and
    both recomputed. The controller corrects each timed configuration's prediction by its own timing
@@ -55,6 +56,9 @@ DEFAULT_KEEPS = (10, 20, 30)
 DEFAULT_RISK_TOLERANCE = 0.005
 # A dearer frontier (or ladder) configuration must gain more dev nDCG@10 than this over the cheaper one.
 FRONTIER_MIN_GAIN = 0.002
+# Without qrels, the full network's top 10 stand in for judgments: grade 3 for its ranks 1-3, 2 for 4-6, 1 for
+# 7-10. Bands, not one grade per rank, so that a swap of neighbours costs little, as with real judgments.
+AGREEMENT_GRADES = (3, 3, 3, 2, 2, 2, 1, 1, 1, 1)
 
 
 @dataclass
@@ -76,12 +80,14 @@ class _DevQuery:
     texts: list[str]
 
 
-def dev_queries(run: Run, topics: Topics, collection: Any, qrels: Qrels, candidates: int,
+def dev_queries(run: Run, topics: Topics, collection: Any, qrels: Qrels | None, candidates: int,
                 queries: int | None = None) -> list[_DevQuery]:
-    """The judged queries of ``run`` (sorted by qid; ``queries`` of them, evenly spread, when given)."""
-    qids = sorted(qid for qid in run if qid in qrels and qid in topics)
+    """The judged queries of ``run`` (every query in the topics when ``qrels`` is None), sorted by qid;
+    ``queries`` of them, evenly spread, when given."""
+    qids = sorted(qid for qid in run if (qrels is None or qid in qrels) and qid in topics)
     if not qids:
-        raise InputError("no query of the run is both judged (in the qrels) and in the topics: nothing to profile on")
+        raise InputError("no query of the run is in the topics: nothing to profile on" if qrels is None else
+                         "no query of the run is both judged (in the qrels) and in the topics: nothing to profile on")
     if queries is not None and queries < len(qids):
         step = len(qids) / queries
         qids = [qids[int(i * step)] for i in range(queries)]
@@ -172,7 +178,7 @@ def _machine() -> dict[str, Any]:
             "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
-def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
+def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels | None, *,
             widths: Sequence[float] | None = None, depths: Sequence[float] | None = None,
             max_lengths: Sequence[int] = DEFAULT_MAX_LENGTHS, candidates: Sequence[int] = DEFAULT_CANDIDATES,
             exit_risks: Sequence[float | None] = DEFAULT_EXIT_RISKS, keeps: Sequence[int] = DEFAULT_KEEPS,
@@ -183,10 +189,11 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
     """Calibrate exits and profile every (width × depth × max length × candidates × exit risk), each also as
     a cascade keeping each of ``keeps`` smaller than its candidates (none: ``keeps=()``), on dev data.
 
-    ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``queries``:
-    profile on this many dev queries (default: all judged ones); ``time_queries``: how many of them time each
-    frontier and ladder configuration for real. Returns a ``ProfileResult``; ``save_profile`` stores it with
-    the model."""
+    ``model``: a loaded ``DynamicCrossEncoder`` (its metadata gains the calibration in memory). ``qrels``: the
+    dev judgments; None: the largest configuration's own top 10 judge (``agreement_qrels``), so any queries
+    will do. ``queries``: profile on this many dev queries (default: all judged ones, or all); ``time_queries``:
+    how many of them time each frontier and ladder configuration for real. Returns a ``ProfileResult``;
+    ``save_profile`` stores it with the model."""
     widths = sorted(set(float(w) for w in (widths or model.config.widths)))
     depths = sorted(set(float(d) for d in (depths or model.config.depths)))
     max_lengths = sorted(set(int(n) for n in max_lengths))
@@ -220,7 +227,9 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
                                                              [t.final for t in traced], top_k)}
                                for (w, d, n), traced in traces.items() if (w, d, n) in bases]}
     model.metadata["calibration"] = reranker.calibration = calibration
-    works, ndcg = _simulate(reranker, dev, traces, grid, {q.qid: qrels[q.qid] for q in dev}, top_k, progress)
+    reference_base = (widths[-1], depths[-1], max_lengths[-1])
+    dev_qrels = agreement_qrels(dev, traces[reference_base]) if qrels is None else {q.qid: qrels[q.qid] for q in dev}
+    works, ndcg = _simulate(reranker, dev, traces, grid, dev_qrels, top_k, progress)
 
     def points_with(cost_model: CostModel) -> dict[RerankConfig, FrontierPoint]:
         points = {}
@@ -255,6 +264,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
         "seconds": round(time.time() - started, 1), "machine": machine,
         "dtype": calibration["dtype"], "threads": torch.get_num_threads(), "batch_tokens": batch_tokens,
         "top_k": top_k, "dev": dev_name, "queries": len(dev), "timed_queries": len(timing),
+        "judged_by": "qrels" if qrels is not None else "agreement with the full network",
         "grid": {"widths": widths, "depths": depths, "max_lengths": max_lengths, "candidates": candidates,
                  "exit_risks": risks, "keeps": keeps},
         "cost_model": cost_model.to_dict(),
@@ -263,6 +273,17 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels, *,
         "ladder": [point.to_dict() for point in ladder],
     }
     return ProfileResult(calibration, profile_data, [point.to_dict() for point in points.values()])
+
+
+def agreement_qrels(dev: list[_DevQuery], reference: list[Trace]) -> Qrels:
+    """Judgments without qrels: on each dev query, the reference's (the full network's) top 10 graded by
+    ``AGREEMENT_GRADES``; nDCG@10 against them measures how well a configuration agrees with it."""
+    judged: Qrels = {}
+    for query, trace in zip(dev, reference):
+        # trec_eval's order (ties, common in bf16, by docid), so that the reference scores 1 against itself
+        ranked = trec_order(assemble(query.docids, [float(value) for value in trace.final]))
+        judged[query.qid] = {docid: grade for (docid, _), grade in zip(ranked, AGREEMENT_GRADES)}
+    return judged
 
 
 def _trace(reranker: Reranker, dev: list[_DevQuery], bases: list[tuple[float, float, int]], candidates: int,
