@@ -122,20 +122,24 @@ def test_a_recipe_may_take_its_candidates_from_a_run_file(tiny_world, tmp_path):
     assert results.row("w1-d1-L64").per_query["ndcg@10"]["q1"] == 0.0     # topics without candidates score 0
 
 
-def test_budget_rows_profile_a_model_that_has_no_profile_on_the_recipes_dev_data(tiny_world, tmp_path):
+@pytest.mark.parametrize("judged", [True, False])
+def test_budget_rows_profile_a_model_that_has_no_profile_on_the_recipes_dev_data(tiny_world, tmp_path, judged):
     from rankshrink.model import load_model, save_model
 
     save_model(load_model(tiny_world.model), tmp_path / "model")           # a rankshrink directory, no profile
     given = tmp_path / "given.trec"
     given.write_text("".join(f"{qid} Q0 d{i} {i + 1} {20 - i} given\n" for qid in ("q0", "q1") for i in range(12)))
+    section = {"run": str(given), "topics": str(tiny_world.topics_file), "collection": str(tiny_world.collection),
+               "max_lengths": [32, 64], "candidates": [5, 10], "time_queries": 1}
+    if judged:
+        section["qrels"] = str(tiny_world.qrels_file)
     path = tiny_recipe(tiny_world, tmp_path, rerank={"model": str(tmp_path / "model"), "budgets_ms": [5000]},
-                       profile={"run": str(given), "topics": str(tiny_world.topics_file),
-                                "collection": str(tiny_world.collection), "qrels": str(tiny_world.qrels_file),
-                                "max_lengths": [32, 64], "candidates": [5, 10], "time_queries": 1})
+                       profile=section)
     results = run_recipe(read_recipe(path), progress=False, log=lambda m: None)
     manifest = json.loads((tmp_path / "model" / "rankshrink.json").read_text())
     assert manifest["metadata"]["profile"]["grid"]["max_lengths"] == [32, 64]
     assert manifest["metadata"]["profile"]["dev"].startswith(str(given))
+    assert manifest["metadata"]["profile"]["judged_by"] == ("qrels" if judged else "agreement with the full network")
     assert results.rows[-1].kind == "budget"
 
 
