@@ -141,6 +141,15 @@ def test_a_cascade_is_a_knob_of_the_configuration():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(InputError, match="keep must be a positive integer"):
             RerankConfig(keep=bad)
+    # the first pass's depth: None is the model's shallowest; a deeper first pass does more
+    deeper = replace(cascade, prune_depth=0.75)
+    assert deeper.label().endswith("keep 20 of d0.75 exits off") and "of d" not in cascade.label()
+    assert RerankConfig.from_dict(json.loads(json.dumps(deeper.as_dict()))) == deeper
+    assert does_at_least(deeper, cascade) and not does_at_least(cascade, deeper)
+    assert does_at_least(replace(deeper, prune_depth=1.0), deeper) and does_at_least(RerankConfig(1.0, 1.0, 128), deeper)
+    for bad in (0, 1.5, "deep"):
+        with pytest.raises(InputError, match="prune_depth must be in"):
+            RerankConfig(keep=20, prune_depth=bad)
     # fewer candidates make a plain configuration cheaper, not a cascade's second pass
     plain = FrontierPoint(RerankConfig(), 0.5, 100.0, 120.0, 20.0)
     pruned = FrontierPoint(cascade, 0.5, 100.0, 120.0, 20.0)
@@ -298,8 +307,8 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     model = rankshrink.load_model(directory)
     run, topics, collection, qrels = tiny_dev()
     result = profile(model, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[0.5, 1.0],
-                     max_lengths=[16, 48], candidates=[10, 30], exit_risks=[None, 0.1], keeps=[10], dtype="fp32",
-                     time_queries=2, top_k=3, progress=False)
+                     max_lengths=[16, 48], candidates=[10, 30], exit_risks=[None, 0.1], keeps=[10],
+                     prune_depths=[0.5, 1.0], dtype="fp32", time_queries=2, top_k=3, progress=False)
     frontier, ladder = result.profile["frontier"], result.profile["ladder"]
     assert frontier and [p["ms_p95"] for p in frontier] == sorted(p["ms_p95"] for p in frontier)
     assert [p["ndcg@10"] for p in frontier] == sorted(p["ndcg@10"] for p in frontier)
@@ -307,11 +316,14 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     rungs = [RerankConfig.from_dict(p) for p in ladder]
     assert rungs and all(does_at_least(upper, lower) for lower, upper in zip(rungs, rungs[1:]))
     # every (width, depth, length, candidates) without exits, and with them where an exit head ranks; the 30
-    # candidates also as a cascade keeping 10, whose first pass (the model's smallest sub-network) is traced too
+    # candidates also as a cascade keeping 10 after a first pass (the model's smallest width) at each depth
     ranking = [e for e in result.calibration["entries"] if any(m is not None for m in e["margins"].values())]
-    assert len(result.points) == (2 ** 4 + 2 * len(ranking)) * 3 // 2
-    assert sum(p["keep"] == 10 for p in result.points) == 2 ** 3 + len(ranking)
-    assert result.profile["grid"]["keeps"] == [10]
+    assert len(result.points) == (2 ** 4 + 2 * len(ranking)) * 2
+    cascades = [p for p in result.points if p["keep"] == 10]
+    assert len(cascades) == 2 * (2 ** 3 + len(ranking))
+    assert {p["prune_depth"] for p in cascades} == {0.5, 1.0}
+    assert all(p["prune_depth"] is None for p in result.points if p["keep"] is None)
+    assert result.profile["grid"]["keeps"] == [10] and result.profile["grid"]["prune_depths"] == [0.5, 1.0]
     assert {(e["width"], e["depth"], e["max_length"]) for e in result.calibration["entries"]} == \
         {(w, d, n) for w in (0.5, 1.0) for d in (0.5, 1.0) for n in (16, 48)}
     assert result.profile["reference"]["candidates"] == 30 and result.profile["reference"]["exit_risk"] is None

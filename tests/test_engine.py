@@ -218,6 +218,23 @@ def test_a_cascade_reranks_the_pruners_best_with_the_network_and_the_rest_in_its
         Reranker(tiny, keep=0)
 
 
+def test_a_deeper_first_pass_is_a_cascade_knob(tiny):
+    candidates, texts = candidates_and_texts(30, seed=3)
+    order = [docid for docid, _ in trec_order(candidates)]
+    query = "why is the sky blue"
+    reranker = Reranker(tiny, max_length=24, exits=False, dtype="fp32", keep=8, prune_depth=1.0)
+    pruner = reranker.pruner(reranker.config, len(order))
+    assert (pruner.width, pruner.depth) == (min(tiny.config.widths), 1.0)
+    first = tiny.score(query, [texts[d] for d in order], width=pruner.width, depth=1.0, max_length=24)
+    kept = [order[i] for i in sorted(range(len(order)), key=lambda i: (-float(first[i]), i))][:8]
+    result = reranker.rerank(query, candidates, texts)
+    assert set(result.ranking()[:8]) == set(kept)
+    assert result.stats.config["prune_depth"] == 1.0
+    assert set(result.stats.layers_used) == {tiny.config.num_layers}     # both passes ran every layer
+    with pytest.raises(InputError, match="prune_depth must be in"):
+        Reranker(tiny, keep=8, prune_depth=0.0)
+
+
 def test_rerank_is_thread_safe(tiny):
     with_margins(tiny, 0.2)
     reranker = Reranker(tiny, max_length=64, exits=0.1, dtype="fp32", batch_tokens=100)

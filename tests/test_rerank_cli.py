@@ -101,7 +101,8 @@ def test_profile_then_rerank_within_budgets(files, tmp_path, capsys):
     assert main(["profile", "--model", str(files.model), "--run", str(files.run), "--topics", str(files.topics),
                  "--collection", str(files.collection), "--qrels", str(files.qrels), "--widths", "0.5", "1",
                  "--depths", "0.5", "1", "--max-lengths", "24", "48", "--candidates", "10", "30",
-                 "--exit-risks", "off", "0.1", "--keeps", "10", "--time-queries", "2", "--dtype", "fp32", "--quiet",
+                 "--exit-risks", "off", "0.1", "--keeps", "10", "--prune-depths", "0.5", "--time-queries", "2",
+                 "--dtype", "fp32", "--quiet",
                  "--points", str(tmp_path / "points.json")]) == 0
     printed = capsys.readouterr().out
     assert "| width | depth |" in printed and "frontier configurations" in printed

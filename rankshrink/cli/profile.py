@@ -39,6 +39,8 @@ def register(subparsers) -> None:
     parser.add_argument("--keeps", type=int, nargs="*", default=list(DEFAULT_KEEPS),
                         help="cascades to try: the smallest sub-network's best N candidates go on (default: "
                              "%(default)s; none: --keeps with no value)")
+    parser.add_argument("--prune-depths", type=float, nargs="+",
+                        help="depths of a cascade's first pass to try (default: the model's depths but its deepest)")
     parser.add_argument("--queries", type=int, help="profile on this many dev queries (default: all judged ones)")
     parser.add_argument("--time-queries", type=int, default=20,
                         help="dev queries that time each frontier configuration for real (default: %(default)s)")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     result = profile(model, read_run(args.run), read_topics(args.topics), open_collection(args.collection),
                      read_qrels(args.qrels) if args.qrels else None, widths=args.widths, depths=args.depths,
                      max_lengths=args.max_lengths, candidates=args.candidates,
-                     exit_risks=parse_risks(args.exit_risks), keeps=args.keeps,
+                     exit_risks=parse_risks(args.exit_risks), keeps=args.keeps, prune_depths=args.prune_depths,
                      dtype=args.dtype, threads=args.threads, queries=args.queries, time_queries=args.time_queries,
                      top_k=args.top_k, progress=not args.quiet, dev_name=f"{args.run} ({args.qrels or 'no qrels'})")
     if args.output is not None:

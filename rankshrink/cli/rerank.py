@@ -22,6 +22,8 @@ def add_reranker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int,
                         help="a cascade: the model's smallest sub-network scores the candidates first and only its "
                              "best KEEP run at --width/--depth; the others follow in its order (default: all)")
+    parser.add_argument("--prune-depth", type=float,
+                        help="with --keep: the first pass's depth (default: the model's shallowest)")
     exits = parser.add_mutually_exclusive_group()
     exits.add_argument("--no-exits", action="store_true",
                        help="run every passage through every layer (default: the model's calibrated early exits)")
@@ -70,7 +72,7 @@ def open_reranker(args: argparse.Namespace):
     threads = args.threads or (model.metadata.get("profile") or {}).get("threads")   # as profiled, by default
     return Reranker(model, width=args.width, depth=args.depth, max_length=args.max_length,
                     candidates=args.candidates, exits=exits_option(args), dtype=args.dtype, threads=threads,
-                    keep=args.keep)
+                    keep=args.keep, prune_depth=args.prune_depth)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -534,6 +534,8 @@ def _config_name(config: Mapping[str, Any]) -> str:
         parts.append(f"c{config['candidates']}")
     if config.get("keep") is not None:
         parts.append(f"keep{config['keep']}")
+        if config.get("prune_depth") is not None:
+            parts.append(f"by-d{config['prune_depth']:g}")
     return "-".join(parts) or "first-stage order"
 
 

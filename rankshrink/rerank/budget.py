@@ -4,7 +4,7 @@ A **configuration** fixes every knob of one rerank: width, depth, max length, ho
 to rerank, the exit risk (None: no early exit), and how many of them to keep after a first, cheap pass (None:
 all). With ``keep``, the model's smallest sub-network (``Reranker.pruner``) scores every candidate at
 ``PRUNE_MAX_LENGTH`` tokens and only its best ``keep`` go on to the configuration's network, a cascade inside
-one model. ``rankshrink profile`` (``profiling.py``) measures on this
+one model (``prune_depth`` makes the first pass deeper). ``rankshrink profile`` (``profiling.py``) measures on this
 machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
 configurations no other beats on both, and the **ladder**: configurations each doing at least as much of
 every knob as the one below it, so that a bigger budget only adds work (``nested_ladder``). The
@@ -53,7 +53,8 @@ def check_headroom(headroom: float) -> float:
 class RerankConfig:
     """Every knob of one rerank. ``exit_risk``: the calibrated probability that a document the full depth
     would put in the top k leaves early (None: no early exit). ``keep``: rerank only the best ``keep``
-    candidates of a first pass by the model's smallest sub-network (None: every candidate)."""
+    candidates of a first pass by the model's smallest sub-network (None: every candidate); ``prune_depth``:
+    that first pass's depth (None: the model's shallowest), still at the model's smallest width."""
 
     width: float = 1.0
     depth: float = 1.0
@@ -61,10 +62,13 @@ class RerankConfig:
     candidates: int = 100
     exit_risk: float | None = None
     keep: int | None = None
+    prune_depth: float | None = None
 
     def __post_init__(self):
-        for name in ("width", "depth"):
+        for name in ("width", "depth", "prune_depth"):
             value = getattr(self, name)
+            if name == "prune_depth" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise InputError(f"{name} must be in (0, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
@@ -87,8 +91,8 @@ class RerankConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RerankConfig":
-        return cls(**{key: values[key] for key in ("width", "depth", "max_length", "candidates", "exit_risk", "keep")
-                      if key in values})
+        return cls(**{key: values[key] for key in ("width", "depth", "max_length", "candidates", "exit_risk", "keep",
+                                                   "prune_depth") if key in values})
 
     @property
     def reranked(self) -> int:
@@ -103,6 +107,8 @@ class RerankConfig:
     def label(self) -> str:
         exits = "off" if self.exit_risk is None else f"{self.exit_risk:g}"
         keep = f" keep {self.keep}" if self.cascades(self.candidates) else ""
+        if keep and self.prune_depth is not None:
+            keep += f" of d{self.prune_depth:g}"
         return f"w{self.width:g} d{self.depth:g} L{self.max_length} K{self.candidates}{keep} exits {exits}"
 
 
@@ -233,13 +239,18 @@ def pareto_frontier(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> l
 def does_at_least(upper: RerankConfig, lower: RerankConfig) -> bool:
     """Whether ``upper`` does at least as much of every knob as ``lower``: width, depth, max length,
     candidates and candidates kept after a cascade's first pass no smaller, exit risk no larger (exits off is a
-    risk of 0)."""
+    risk of 0); of two cascades, the upper's first pass no shallower."""
     def risk(config: RerankConfig) -> float:
         return 0.0 if config.exit_risk is None else config.exit_risk
 
+    def first_pass_depth(config: RerankConfig) -> float:
+        return 0.0 if config.prune_depth is None else config.prune_depth   # None: the shallowest
+
+    both_cascade = upper.cascades(upper.candidates) and lower.cascades(lower.candidates)
     return (upper.width >= lower.width and upper.depth >= lower.depth and upper.max_length >= lower.max_length
             and upper.candidates >= lower.candidates and upper.reranked >= lower.reranked
-            and risk(upper) <= risk(lower))
+            and risk(upper) <= risk(lower)
+            and (not both_cascade or first_pass_depth(upper) >= first_pass_depth(lower)))
 
 
 def nested_ladder(points: Iterable[FrontierPoint], min_gain: float = 0.0) -> list[FrontierPoint]:

@@ -16,9 +16,9 @@ What makes it fast, in the order the time goes:
 * the **last layer for [CLS] alone**: the final head reads only the [CLS] token, so the last layer computes
   keys and values for every token but attention, projection and FFN for that one (an eighth of the full
   network's FLOPs saved at 96 tokens, the same scores);
-* a **cascade** (``keep``): the model's smallest sub-network first scores every candidate at a few tokens
-  (``PRUNE_MAX_LENGTH``) and only its best ``keep`` go through the configuration's network; the others rank
-  below them in the first pass's order;
+* a **cascade** (``keep``): the model's smallest sub-network (deeper with ``prune_depth``) first scores every
+  candidate at a few tokens (``PRUNE_MAX_LENGTH``) and only its best ``keep`` go through the configuration's
+  network; the others rank below them in the first pass's order;
 * a **deadline**: before each micro-batch step the engine checks that the step, at the speed measured so far,
   still fits; when it does not, it stops. Documents keep their latest score (from the last head they passed);
   the ones no head scored rank below every scored one, in first-stage order.
@@ -248,8 +248,8 @@ class Reranker:
 
     ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to the
     model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first), ``keep``
-    (None, or a cascade: the ``pruner`` sub-network scores the candidates first and only its best ``keep`` run
-    at ``width`` and ``depth``) and ``exits`` fix the configuration used when a call gives no budget; with a
+    (None, or a cascade: the ``pruner`` sub-network, ``prune_depth`` deep, scores the candidates first and only
+    its best ``keep`` run at ``width`` and ``depth``) and ``exits`` fix the configuration used when a call gives no budget; with a
     budget, ``candidates`` and ``max_length`` still cap what the controller picks. ``exits``: True uses the
     model's calibrated early exits at its default risk (none when the model has no calibration for this width
     and depth); a float is the exit risk itself (``calibration.py``); False runs every document through every
@@ -265,7 +265,8 @@ class Reranker:
 
     def __init__(self, model: Any, width: float = 1.0, depth: float = 1.0, max_length: int = 256,
                  candidates: int = 100, exits: bool | float = True, dtype: Dtype = "auto",
-                 threads: int | None = None, keep: int | None = None, *, batch_tokens: int = BATCH_TOKENS,
+                 threads: int | None = None, keep: int | None = None, *, prune_depth: float | None = None,
+                 batch_tokens: int = BATCH_TOKENS,
                  max_padding: float = MAX_PADDING, headroom: float = DEFAULT_HEADROOM,
                  profile: Mapping[str, Any] | None = None):
         if isinstance(model, (str, Path)):
@@ -289,7 +290,7 @@ class Reranker:
         self.dtype = resolve_dtype(dtype, next(model.parameters()).device)
         self.model = inference_copy(model, self.dtype)
         self.calibration = model.metadata.get("calibration")
-        self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits), keep)
+        self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits), keep, prune_depth)
         self.threads = threads
         if not 0 <= max_padding <= 1:
             raise InputError(f"max_padding must be a fraction in [0, 1], got {max_padding!r}")
@@ -320,10 +321,12 @@ class Reranker:
         return check_exit_risk(exits)
 
     def pruner(self, config: RerankConfig, candidates: int) -> RerankConfig:
-        """The first pass of ``config``'s cascade over ``candidates`` candidates: the model's narrowest and
-        shallowest sub-network, no exits, at ``PRUNE_MAX_LENGTH`` tokens (``config``'s max length if shorter)."""
-        return RerankConfig(min(self.model.config.widths), min(self.model.config.depths),
-                            min(PRUNE_MAX_LENGTH, config.max_length), candidates, None)
+        """The first pass of ``config``'s cascade over ``candidates`` candidates: the model's narrowest
+        sub-network at ``config.prune_depth`` (None: its shallowest), no exits, at ``PRUNE_MAX_LENGTH`` tokens
+        (``config``'s max length if shorter)."""
+        depth = min(self.model.config.depths) if config.prune_depth is None else config.prune_depth
+        return RerankConfig(min(self.model.config.widths), depth, min(PRUNE_MAX_LENGTH, config.max_length),
+                            candidates, None)
 
     @property
     def load(self) -> float:
@@ -570,7 +573,8 @@ class Reranker:
     def _config_dict(self, config: RerankConfig, margins_used: bool | None) -> dict[str, Any]:
         exits = bool(margins_used) if margins_used is not None else config.exit_risk is not None
         return {"width": config.width, "depth": config.depth, "max_length": config.max_length,
-                "candidates": config.candidates, "keep": config.keep, "exits": exits,
+                "candidates": config.candidates, "keep": config.keep,
+                "prune_depth": config.prune_depth if config.keep is not None else None, "exits": exits,
                 "exit_risk": config.exit_risk if exits else None,
                 "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
 
