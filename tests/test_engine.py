@@ -184,6 +184,15 @@ def test_deadlines_always_leave_a_well_formed_ranking(tiny):
     assert not result.stats.deadline_hit and result.stats.layers_used == [tiny.config.num_layers] * len(order)
 
 
+def pruned_order(model, reranker, query, candidates, texts):
+    """The candidates in the order of ``reranker``'s cascade first pass, scored by ``model.score`` directly."""
+    order = [docid for docid, _ in trec_order(candidates)]
+    pruner = reranker.pruner(reranker.config, len(order))
+    first = model.score(query, [texts[d] for d in order], width=pruner.width, depth=pruner.depth,
+                        max_length=pruner.max_length)
+    return [order[i] for i in sorted(range(len(order)), key=lambda i: (-float(first[i]), i))]
+
+
 def test_a_cascade_reranks_the_pruners_best_with_the_network_and_the_rest_in_its_order(tiny):
     candidates, texts = candidates_and_texts(30, seed=3)
     order = [docid for docid, _ in trec_order(candidates)]
@@ -192,13 +201,12 @@ def test_a_cascade_reranks_the_pruners_best_with_the_network_and_the_rest_in_its
     pruner = reranker.pruner(reranker.config, len(order))
     assert (pruner.width, pruner.depth, pruner.max_length, pruner.keep) == \
         (min(tiny.config.widths), min(tiny.config.depths), 24, None)
-    first = tiny.score(query, [texts[d] for d in order], width=pruner.width, depth=pruner.depth, max_length=24)
-    pruned_order = [order[i] for i in sorted(range(len(order)), key=lambda i: (-float(first[i]), i))]
-    kept = pruned_order[:8]
+    pruned = pruned_order(tiny, reranker, query, candidates, texts)
+    kept = pruned[:8]
     second = tiny.score(query, [texts[d] for d in kept], max_length=24)
     result = reranker.rerank(query, candidates, texts)
     assert torch.allclose(torch.tensor([result.scores[d] for d in kept]), second, atol=1e-5, rtol=0)
-    assert set(result.ranking()[:8]) == set(kept) and result.ranking()[8:] == pruned_order[8:]
+    assert set(result.ranking()[:8]) == set(kept) and result.ranking()[8:] == pruned[8:]
     stats = result.stats
     assert stats.config["keep"] == 8 and stats.work["calls"] == 2 and stats.work["pairs"] == 30 + 8
     assert stats.work["prune_gflops"] > 0 and stats.work["prune_width"] == pruner.width
@@ -220,15 +228,11 @@ def test_a_cascade_reranks_the_pruners_best_with_the_network_and_the_rest_in_its
 
 def test_a_deeper_first_pass_is_a_cascade_knob(tiny):
     candidates, texts = candidates_and_texts(30, seed=3)
-    order = [docid for docid, _ in trec_order(candidates)]
-    query = "why is the sky blue"
     reranker = Reranker(tiny, max_length=24, exits=False, dtype="fp32", keep=8, prune_depth=1.0)
-    pruner = reranker.pruner(reranker.config, len(order))
+    pruner = reranker.pruner(reranker.config, len(candidates))
     assert (pruner.width, pruner.depth) == (min(tiny.config.widths), 1.0)
-    first = tiny.score(query, [texts[d] for d in order], width=pruner.width, depth=1.0, max_length=24)
-    kept = [order[i] for i in sorted(range(len(order)), key=lambda i: (-float(first[i]), i))][:8]
-    result = reranker.rerank(query, candidates, texts)
-    assert set(result.ranking()[:8]) == set(kept)
+    result = reranker.rerank("why is the sky blue", candidates, texts)
+    assert set(result.ranking()[:8]) == set(pruned_order(tiny, reranker, "why is the sky blue", candidates, texts)[:8])
     assert result.stats.config["prune_depth"] == 1.0
     assert set(result.stats.layers_used) == {tiny.config.num_layers}     # both passes ran every layer
     with pytest.raises(InputError, match="prune_depth must be in"):
