@@ -237,6 +237,8 @@ def test_a_deeper_first_pass_is_a_cascade_knob(tiny):
     assert set(result.stats.layers_used) == {tiny.config.num_layers}     # both passes ran every layer
     with pytest.raises(InputError, match="prune_depth must be in"):
         Reranker(tiny, keep=8, prune_depth=0.0)
+    with pytest.raises(InputError, match="give keep too"):
+        Reranker(tiny, prune_depth=0.75)
 
 
 def test_rerank_is_thread_safe(tiny):

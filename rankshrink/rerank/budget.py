@@ -4,8 +4,8 @@ A **configuration** fixes every knob of one rerank: width, depth, max length, ho
 to rerank, the exit risk (None: no early exit), and how many of them to keep after a first, cheap pass (None:
 all). With ``keep``, the model's smallest sub-network (``Reranker.pruner``) scores every candidate at
 ``PRUNE_MAX_LENGTH`` tokens and only its best ``keep`` go on to the configuration's network, a cascade inside
-one model (``prune_depth`` makes the first pass deeper). ``rankshrink profile`` (``profiling.py``) measures on this
-machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
+one model (``prune_depth`` makes the first pass deeper). ``rankshrink profile`` (``profiling.py``) measures
+on this machine what each configuration costs and its nDCG@10 on dev data, and keeps the **frontier**: the
 configurations no other beats on both, and the **ladder**: configurations each doing at least as much of
 every knob as the one below it, so that a bigger budget only adds work (``nested_ladder``). The
 **controller** picks, for a budget, the rung with the best dev nDCG whose predicted 95th-percentile latency
@@ -78,6 +78,8 @@ class RerankConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.prune_depth is not None and self.keep is None:
+            raise InputError(f"prune_depth {self.prune_depth:g} is the depth of a cascade's first pass: give keep too")
         if self.max_length < 8:
             raise InputError(f"max_length must be at least 8 tokens, got {self.max_length}")
         if self.exit_risk is not None:

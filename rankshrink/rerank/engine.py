@@ -249,14 +249,15 @@ class Reranker:
     ``model``: a loaded model or a model directory / hub id. ``width``, ``depth``, ``max_length`` (cut to the
     model's position embeddings), ``candidates`` (rerank at most this many, best first-stage first), ``keep``
     (None, or a cascade: the ``pruner`` sub-network, ``prune_depth`` deep, scores the candidates first and only
-    its best ``keep`` run at ``width`` and ``depth``) and ``exits`` fix the configuration used when a call gives no budget; with a
-    budget, ``candidates`` and ``max_length`` still cap what the controller picks. ``exits``: True uses the
-    model's calibrated early exits at its default risk (none when the model has no calibration for this width
-    and depth); a float is the exit risk itself (``calibration.py``); False runs every document through every
-    layer. ``dtype``: "auto" (bf16 where the CPU has bf16 arithmetic), "bf16", "fp32". ``threads``: torch
-    intra-op threads, set for the whole process (None leaves torch's setting). ``headroom``: with a budget, the
-    controller picks the best configuration whose predicted p95 (scaled by the load measured on recent calls)
-    fits ``(1 - headroom) × budget``; the deadline is the whole budget. ``rerank`` is thread-safe.
+    its best ``keep`` run at ``width`` and ``depth``) and ``exits`` fix the configuration used when a call gives
+    no budget; with a budget, ``candidates`` and ``max_length`` still cap what the controller picks.
+    ``exits``: True uses the model's calibrated early exits at its default risk (none when the model has no
+    calibration for this width and depth); a float is the exit risk itself (``calibration.py``); False runs every
+    document through every layer. ``dtype``: "auto" (bf16 where the CPU has bf16 arithmetic), "bf16", "fp32".
+    ``threads``: torch intra-op threads, set for the whole process (None leaves torch's setting). ``headroom``:
+    with a budget, the controller picks the best configuration whose predicted p95 (scaled by the load measured
+    on recent calls) fits ``(1 - headroom) × budget``; the deadline is the whole budget. ``rerank`` is
+    thread-safe.
 
     >>> reranker = Reranker(rankshrink.load_model("models/trec-dl"), exits=False, dtype="fp32")   # doctest: +SKIP
     >>> reranker.rerank("cat", {"a": 2.0, "b": 1.0}, ["Paris is in France.", "A cat."]).ranking()  # doctest: +SKIP
@@ -482,8 +483,8 @@ class Reranker:
         first = self._score(query, passages, pruner, top_k, deadline, record=False)
         order = first_pass_order(first.scores.tolist())
         kept = order[:config.keep]
-        second = self._score(query, [passages[p] for p in kept], replace(config, keep=None), top_k, deadline,
-                             record=False)
+        second = self._score(query, [passages[p] for p in kept], replace(config, keep=None, prune_depth=None), top_k,
+                             deadline, record=False)
         layers_used = first.layers_used.clone()
         layers_used[torch.tensor(kept, dtype=torch.long)] = second.layers_used
         return _Outcome(torch.tensor(cascade_values(len(passages), order, second.scores.tolist())),

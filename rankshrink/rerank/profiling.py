@@ -158,8 +158,8 @@ def simulate_cascade(first_trace: Trace, trace: Trace, config: RerankConfig, pru
     index = np.asarray(kept, dtype=np.int64)
     chosen = Trace({layer: scores[index] for layer, scores in trace.layer_scores.items()}, trace.final[index],
                    [trace.lengths[p] for p in kept], trace.stats)
-    second, second_work = simulate(chosen, replace(config, candidates=len(kept), keep=None), margins, model, top_k,
-                                   batch_tokens, max_padding, flops_cache)
+    second, second_work = simulate(chosen, replace(config, candidates=len(kept), keep=None, prune_depth=None), margins,
+                                   model, top_k, batch_tokens, max_padding, flops_cache)
     return cascade_values(count, order, second), cascade_work(first_work, second_work, pruner.width)
 
 
@@ -218,11 +218,11 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels | Non
     reranker = Reranker(model, exits=False, dtype=dtype, threads=threads, batch_tokens=batch_tokens, profile={})
     dev = dev_queries(run, topics, collection, qrels, candidates[-1], queries)
     bases = [(w, d, n) for w in widths for d in depths for n in max_lengths]
-    shallow = sorted(set(float(d) for d in model.config.depths))
+    model_depths = sorted(set(float(d) for d in model.config.depths))
     prune_depths = sorted(set(float(d) for d in prune_depths)) if prune_depths is not None else \
-        (shallow[:-1] or shallow)
+        (model_depths[:-1] or model_depths)
     for prune_depth in prune_depths:
-        RerankConfig(prune_depth=prune_depth)
+        RerankConfig(keep=1, prune_depth=prune_depth)
     grid = [RerankConfig(w, d, n, k, risk, keep, prune_depth if keep is not None else None)
             for (w, d, n) in bases for k in candidates for risk in risks
             for keep in [None] + [keep for keep in keeps if keep < k]
