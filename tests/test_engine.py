@@ -15,7 +15,7 @@ from rankshrink.data import trec_order
 from rankshrink.errors import InputError
 from rankshrink.rerank import Reranker, RerankConfig
 from rankshrink.rerank.calibration import LEVELS
-from rankshrink.rerank.engine import LENGTH_STEP, assemble, pack, padded_length, regroup
+from rankshrink.rerank.engine import LENGTH_STEP, assemble, pack, padded_length, regroup, truncated_pairs
 from test_model_fixtures import WORDS, pair_exits, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -239,6 +239,26 @@ def test_a_deeper_first_pass_is_a_cascade_knob(tiny):
         Reranker(tiny, keep=8, prune_depth=0.0)
     with pytest.raises(InputError, match="give keep too"):
         Reranker(tiny, prune_depth=0.75)
+
+
+def test_a_cascade_tokenizes_once_and_cuts_the_pairs_as_the_tokenizer_would(tiny):
+    rng = random.Random(5)
+    passages = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) for _ in range(40)]
+    for query in ("cat", " ".join(rng.choice(WORDS) for _ in range(30))):   # the second fills 24 tokens alone
+        long = tiny.encode([query] * len(passages), passages, 64)
+        cut, redo = truncated_pairs(long, 24)
+        short = tiny.encode([query] * len(passages), passages, 24)
+        assert (redo == []) == (query == "cat")
+        for position in range(len(passages)):
+            if position not in redo:
+                assert [cut[key][position] for key in short] == [short[key][position] for key in short]
+    # and a cascade at 64 tokens over a first pass at 24 ranks as with the pairs tokenized at each length
+    candidates, texts = candidates_and_texts(30, seed=4)
+    texts = {docid: text + " " + text + " " + text for docid, text in texts.items()}
+    reranker = Reranker(tiny, max_length=64, exits=False, dtype="fp32", keep=8)
+    reranker.pruner = lambda config, count: RerankConfig(0.25, 0.5, 24, count, None)
+    result = reranker.rerank("cat", candidates, texts)
+    assert result.ranking()[8:] == pruned_order(tiny, reranker, "cat", candidates, texts)[8:]
 
 
 def test_rerank_is_thread_safe(tiny):

@@ -415,16 +415,21 @@ class Reranker:
         return margins_for(self.calibration, config.width, config.depth, config.max_length, exit_layers,
                            config.exit_risk)
 
+    def _encode(self, query: str, passages: list[str], max_length: int) -> dict[str, list]:
+        with self._tokenizer_lock:
+            return self.model.encode([query] * len(passages), passages, max_length)
+
     def _score(self, query: str, passages: list[str], config: RerankConfig, top_k: int, deadline: float | None,
-               record: bool) -> "_Outcome":
+               record: bool, encoded: Mapping[str, list] | None = None) -> "_Outcome":
+        """``encoded``: the pairs already tokenized at ``config.max_length`` (a cascade's one tokenization)."""
         model = self.model
         began = time.perf_counter()
         outcome = _Outcome(torch.full((len(passages),), math.nan), torch.zeros(len(passages), dtype=torch.long))
         if deadline is not None and time.perf_counter() >= deadline:
             outcome.deadline_hit = True
             return outcome.finish(began)
-        with self._tokenizer_lock:
-            encoded = model.encode([query] * len(passages), passages, config.max_length)
+        if encoded is None:
+            encoded = self._encode(query, passages, config.max_length)
         outcome.tokenize_ms = (time.perf_counter() - began) * 1000
         ids, types = encoded["input_ids"], encoded["token_type_ids"]
         lengths = [len(row) for row in ids]
@@ -478,18 +483,33 @@ class Reranker:
     def _score_cascade(self, query: str, passages: list[str], config: RerankConfig, top_k: int,
                        deadline: float | None) -> "_Outcome":
         """The pruner over every passage, then ``config`` over the pruner's best ``config.keep``; the scores
-        ``cascade_values`` orders that way."""
+        ``cascade_values`` orders that way. The pairs are tokenized once, at the longer max length; the first
+        pass reads them cut to its own (``truncated_pairs``)."""
         pruner = self.pruner(config, len(passages))
-        first = self._score(query, passages, pruner, top_k, deadline, record=False)
+        began = time.perf_counter()
+        encoded = None
+        if deadline is None or began < deadline:
+            encoded = self._encode(query, passages, config.max_length)
+        tokenize_ms = (time.perf_counter() - began) * 1000
+        first_pass = None
+        if encoded is not None:
+            first_pass, redo = truncated_pairs(encoded, pruner.max_length)
+            if redo:   # queries too long to leave a passage token at the first pass's length: as encode cuts them
+                again = self._encode(query, [passages[p] for p in redo], pruner.max_length)
+                for key in first_pass:
+                    for position, row in zip(redo, again[key]):
+                        first_pass[key][position] = row
+        first = self._score(query, passages, pruner, top_k, deadline, record=False, encoded=first_pass)
         order = first_pass_order(first.scores.tolist())
         kept = order[:config.keep]
+        second_pass = None if encoded is None else {key: [encoded[key][p] for p in kept] for key in first_pass}
         second = self._score(query, [passages[p] for p in kept], replace(config, keep=None, prune_depth=None), top_k,
-                             deadline, record=False)
+                             deadline, record=False, encoded=second_pass)
         layers_used = first.layers_used.clone()
         layers_used[torch.tensor(kept, dtype=torch.long)] = second.layers_used
         return _Outcome(torch.tensor(cascade_values(len(passages), order, second.scores.tolist())),
                         layers_used, deadline_hit=first.deadline_hit or second.deadline_hit,
-                        tokenize_ms=first.tokenize_ms + second.tokenize_ms,
+                        tokenize_ms=tokenize_ms + first.tokenize_ms + second.tokenize_ms,
                         elapsed_ms=first.elapsed_ms + second.elapsed_ms, lengths=first.lengths,
                         batch_sizes=first.batch_sizes + second.batch_sizes,
                         work=cascade_work(first.work, second.work, pruner.width))
@@ -659,6 +679,25 @@ def assemble(docids: Sequence[str], values: Sequence[float]) -> dict[str, float]
         else:
             scores[docid] = float(value)
     return scores
+
+
+def truncated_pairs(encoded: Mapping[str, list], max_length: int) -> tuple[dict[str, list], list[int]]:
+    """``encoded`` (``DynamicCrossEncoder.encode``'s pairs) cut to ``max_length`` tokens as ``encode`` cuts
+    them: the passage's tail goes, its closing [SEP] stays (truncation works on tokens, so this is exact). Also
+    the positions of pairs whose query leaves no passage token at ``max_length``, which ``encode`` cuts
+    otherwise: their rows are left as they were, for the caller to encode again."""
+    cut: dict[str, list] = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+    redo = []
+    for position, (ids, types) in enumerate(zip(encoded["input_ids"], encoded["token_type_ids"])):
+        if len(ids) > max_length:
+            if types.count(0) + 2 > max_length:   # [CLS] query [SEP], one passage token, [SEP]
+                redo.append(position)
+            else:
+                ids, types = ids[:max_length - 1] + ids[-1:], types[:max_length - 1] + types[-1:]
+        cut["input_ids"].append(ids)
+        cut["token_type_ids"].append(types)
+        cut["attention_mask"].append([1] * len(ids))
+    return cut, redo
 
 
 def first_pass_order(first_scores: Sequence[float]) -> list[int]:
