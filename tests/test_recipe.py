@@ -44,12 +44,13 @@ def tiny_recipe(world, tmp_path: Path, **changes) -> Path:
 
 
 def test_a_run_builds_the_index_and_writes_runs_results_table_and_plot(tiny_world, tmp_path, capsys):
-    configs = [{"width": 1.0, "depth": 1.0}, {"width": 0.5, "depth": 0.5}, {"width": 1.0, "depth": 1.0, "keep": 4}]
+    configs = [{"width": 1.0, "depth": 1.0}, {"width": 0.5, "depth": 0.5}, {"width": 1.0, "depth": 1.0, "keep": 4,
+                                                                                      "prune_depth": 0.75}]
     path = tiny_recipe(tiny_world, tmp_path, rerank={"configs": configs})
     assert main(["run", str(path), "--quiet"]) == 0
     table = capsys.readouterr().out
     assert (tmp_path / "index" / "rankshrink-index.json").is_file()          # index: built when missing
-    rows = ["bm25", "w1-d1-L64", "w0.5-d0.5-L64", "w1-d1-L64-keep4"]
+    rows = ["bm25", "w1-d1-L64", "w0.5-d0.5-L64", "w1-d1-L64-keep4-by-d0.75"]
     for row in rows:
         assert (tmp_path / "runs" / f"{row}.trec").is_file()
         assert f"| {row}" in table
@@ -68,10 +69,10 @@ def test_a_run_builds_the_index_and_writes_runs_results_table_and_plot(tiny_worl
     stats = json.loads((tmp_path / "runs" / "w1-d1-L64.stats.json").read_text())
     assert set(stats) == set(runs["bm25"]) and all(s["latency_ms"] > 0 for s in stats.values())
     assert results.row("w1-d1-L64").latency_ms["p95"] >= results.row("w1-d1-L64").latency_ms["median"] > 0
-    # the cascade row: the full network reranks only the 4 its smallest sub-network ranked best
-    cascade = json.loads((tmp_path / "runs" / "w1-d1-L64-keep4.stats.json").read_text())
-    assert all(s["config"]["keep"] == 4 for s in cascade.values())
-    assert set(runs["w1-d1-L64-keep4"]["q0"]) == set(runs["bm25"]["q0"])
+    # the cascade row: the full network reranks only the 4 its narrowest sub-network (at depth 0.75) ranked best
+    cascade = json.loads((tmp_path / "runs" / "w1-d1-L64-keep4-by-d0.75.stats.json").read_text())
+    assert all(s["config"]["keep"] == 4 and s["config"]["prune_depth"] == 0.75 for s in cascade.values())
+    assert set(runs["w1-d1-L64-keep4-by-d0.75"]["q0"]) == set(runs["bm25"]["q0"])
 
 
 def test_check_passes_on_a_rerun_and_fails_when_the_committed_scores_differ(tiny_world, tmp_path, capsys):
@@ -153,6 +154,8 @@ def test_budget_rows_profile_a_model_that_has_no_profile_on_the_recipes_dev_data
     ({"rerank": {"configs": [{"width": 2.0}]}}, r"rerank.configs\[1\].width must be in \(0, 1\]"),
     ({"rerank": {"configs": [{"width": 1.0}, {"width": 1.0}]}}, "rerank rows named twice: w1-d1-L64"),
     ({"rerank": {"configs": [{"keep": 0}]}}, r"rerank.configs\[1\].keep must be a positive integer, got 0"),
+    ({"rerank": {"configs": [{"prune_depth": 0.75}]}},
+     r"rerank.configs\[1\].prune_depth must be in \(0, 1\], with keep"),
     ({"rerank": {"budgets_ms": [100, -5]}}, "budgets_ms must be numbers of milliseconds >= 0, got -5"),
     ({"rerank": {"dtype": "fp16"}}, "rerank.dtype must be auto, bf16 or fp32"),
     ({"search": {"first_stage": "tfidf"}}, "search.first_stage must be bm25, dense or hybrid"),

@@ -31,6 +31,7 @@ repository root, as in ``indexes/*.yaml``)::
         - {width: 1.0, depth: 1.0}
         - {width: 0.5, depth: 0.5, name: w50-d50}
         - {width: 1.0, depth: 1.0, keep: 30}   # a cascade: the smallest sub-network keeps the best 30 for this one
+        - {width: 0.5, depth: 1.0, keep: 30, prune_depth: 0.75}   # the same, its first pass at depth 0.75
       budgets_ms: [50, 100, 200, 400]    # per-query budgets, one run each: the controller chooses
       threads: 1                     # queries in flight at once (admission plans for this many)
     profile:                         # optional: dev data to profile the model on when it has no profile yet
@@ -89,7 +90,7 @@ _SEARCH_KEYS = {"topics": str, "k": int, "run": str, "first_stage": str, "index"
                 "b": float, "method": str, "weights": list, "rrf_k": float, "depth": int, "name": str}
 _RERANK_KEYS = {"model": str, "collection": str, "candidates": int, "max_length": int, "exits": bool,
                 "dtype": str, "configs": list, "budgets_ms": list, "threads": int, "overhead_ms": float}
-_CONFIG_KEYS = {"width": float, "depth": float, "max_length": int, "keep": int, "name": str}
+_CONFIG_KEYS = {"width": float, "depth": float, "max_length": int, "keep": int, "prune_depth": float, "name": str}
 _EVAL_KEYS = {"qrels": str, "metrics": list, "baseline": str, "tolerance": float, "budget_tolerance": float}
 
 
@@ -227,8 +228,13 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
         keep = config.setdefault("keep", None)
         if keep is not None and keep < 1:
             raise InputError(f"{path}: rerank.configs[{number}].keep must be a positive integer, got {keep!r}")
+        prune_depth = config.setdefault("prune_depth", None)
+        if prune_depth is not None and (keep is None or not 0 < prune_depth <= 1):
+            raise InputError(f"{path}: rerank.configs[{number}].prune_depth must be in (0, 1], with keep, "
+                             f"got {prune_depth!r}")
         config.setdefault("name", f"w{config['width']:g}-d{config['depth']:g}-L{config['max_length']}"
-                                  + (f"-keep{keep}" if keep is not None else ""))
+                                  + (f"-keep{keep}" if keep is not None else "")
+                                  + (f"-by-d{prune_depth:g}" if prune_depth is not None else ""))
     for budget in section["budgets_ms"]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
             raise InputError(f"{path}: rerank.budgets_ms must be numbers of milliseconds >= 0, got {budget!r}")
@@ -478,11 +484,13 @@ def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, b
     for config in section["configs"]:
         pipeline = Pipeline(model=loaded or model, collection=texts,
                             candidates=section["candidates"], width=config["width"], depth=config["depth"],
-                            max_length=config["max_length"], keep=config["keep"], exits=section["exits"],
+                            max_length=config["max_length"], keep=config["keep"],
+                            prune_depth=config["prune_depth"], exits=section["exits"],
                             dtype=section["dtype"], overhead_ms=section.get("overhead_ms", 20.0))
         loaded = pipeline.reranker.source_model      # loaded once; each row converts it as its dtype needs
         yield config["name"], *_rerank_one(pipeline, config["name"], first_stage, topics, None, section, progress,
-                                           log, {k: config[k] for k in ("width", "depth", "max_length", "keep")})
+                                           log, {k: config[k] for k in ("width", "depth", "max_length", "keep",
+                                                                        "prune_depth")})
     if section["budgets_ms"] and budgets:
         pipeline = Pipeline(model=loaded or model, collection=texts, candidates=section["candidates"],
                             max_length=section["max_length"],

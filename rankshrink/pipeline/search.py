@@ -193,9 +193,9 @@ class Pipeline:
     ``dense_index`` is the faiss index for ``"dense"`` and ``"hybrid"``. ``model`` is a model directory or
     hub id, a loaded ``DynamicCrossEncoder``, or a ``rankshrink.rerank.Reranker``; without a model, hits are
     the first stage's. Passage texts come from ``collection`` (a JSONL/TSV file or ir_datasets id) when
-    given, else from the index. ``width``, ``depth``, ``max_length``, ``keep`` (a cascade: see ``Reranker``),
-    ``exits`` fix the reranker when no budget is given; ``budget_ms`` (here or per call) lets the reranker
-    choose, inside the budget.
+    given, else from the index. ``width``, ``depth``, ``max_length``, ``keep`` and ``prune_depth`` (a cascade:
+    see ``Reranker``), ``exits`` fix the reranker when no budget is given; ``budget_ms`` (here or per call) lets
+    the reranker choose, inside the budget.
     ``concurrency``, ``overhead_ms`` and ``headroom``: see the module's notes on admission.
     ``adapt_to_load=True`` lets the engine scale its latency predictions by the load it measured on recent
     queries (fewer deadline cuts on a busier machine, but a query's configuration, and so its ranking, then
@@ -217,7 +217,7 @@ class Pipeline:
                  max_length: int = 256, exits: bool = True, dtype: Dtype = "auto", budget_ms: float | None = None,
                  concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, headroom: float = DEFAULT_HEADROOM,
                  adapt_to_load: bool = False, threads: int | None = None, keep: int | None = None,
-                 **first_stage_options):
+                 prune_depth: float | None = None, **first_stage_options):
         if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
             raise InputError(f"candidates must be a positive integer, got {candidates!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
@@ -236,7 +236,7 @@ class Pipeline:
             open_collection(collection)
         self.reranker = None if model is None else _open_reranker(
             model, width=width, depth=depth, max_length=max_length, candidates=candidates, exits=exits,
-            dtype=dtype, threads=threads, keep=keep)
+            dtype=dtype, threads=threads, keep=keep, prune_depth=prune_depth)
         model_of = getattr(self.reranker, "source_model", getattr(self.reranker, "model", self.reranker))
         self._turns = turns_of(model_of) if self.reranker is not None else None
 
