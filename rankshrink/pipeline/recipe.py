@@ -232,9 +232,7 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
         if prune_depth is not None and (keep is None or not 0 < prune_depth <= 1):
             raise InputError(f"{path}: rerank.configs[{number}].prune_depth must be in (0, 1], with keep, "
                              f"got {prune_depth!r}")
-        config.setdefault("name", f"w{config['width']:g}-d{config['depth']:g}-L{config['max_length']}"
-                                  + (f"-keep{keep}" if keep is not None else "")
-                                  + (f"-by-d{prune_depth:g}" if prune_depth is not None else ""))
+        config.setdefault("name", _config_name(config))
     for budget in section["budgets_ms"]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
             raise InputError(f"{path}: rerank.budgets_ms must be numbers of milliseconds >= 0, got {budget!r}")

@@ -594,8 +594,8 @@ class Reranker:
     def _config_dict(self, config: RerankConfig, margins_used: bool | None) -> dict[str, Any]:
         exits = bool(margins_used) if margins_used is not None else config.exit_risk is not None
         return {"width": config.width, "depth": config.depth, "max_length": config.max_length,
-                "candidates": config.candidates, "keep": config.keep,
-                "prune_depth": config.prune_depth if config.keep is not None else None, "exits": exits,
+                "candidates": config.candidates, "keep": config.keep, "prune_depth": config.prune_depth,
+                "exits": exits,
                 "exit_risk": config.exit_risk if exits else None,
                 "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
 

@@ -223,7 +223,7 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels | Non
         (model_depths[:-1] or model_depths)
     for prune_depth in prune_depths:
         RerankConfig(keep=1, prune_depth=prune_depth)
-    grid = [RerankConfig(w, d, n, k, risk, keep, prune_depth if keep is not None else None)
+    grid = [RerankConfig(w, d, n, k, risk, keep, prune_depth)
             for (w, d, n) in bases for k in candidates for risk in risks
             for keep in [None] + [keep for keep in keeps if keep < k]
             for prune_depth in ([None] if keep is None else prune_depths)]
@@ -419,7 +419,7 @@ def frontier_table(profile_data: Mapping[str, Any], key: str = "frontier") -> st
                     if point.get("measured_ms_p50") is not None else "– | –")
         risk = "off" if point["exit_risk"] is None else f"{point['exit_risk']:g}"
         kept = "all" if point.get("keep") is None else point["keep"]
-        if point.get("keep") is not None and point.get("prune_depth") is not None:
+        if point.get("prune_depth") is not None:   # only a cascade has one
             kept = f"{kept} of d{point['prune_depth']:g}"
         lines.append(f"| {point['width']:g} | {point['depth']:g} | {point['max_length']} | {point['candidates']} | "
                      f"{kept} | {risk} | "
