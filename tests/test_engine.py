@@ -13,9 +13,10 @@ import torch
 import rankshrink
 from rankshrink.data import trec_order
 from rankshrink.errors import InputError
-from rankshrink.rerank import Reranker, RerankConfig
+from rankshrink.rerank import CostModel, FrontierPoint, Reranker, RerankConfig
 from rankshrink.rerank.calibration import LEVELS
-from rankshrink.rerank.engine import LENGTH_STEP, assemble, pack, padded_length, regroup, truncated_pairs
+from rankshrink.rerank.engine import (LENGTH_STEP, assemble, pack, padded_length, regroup, truncated_pairs,
+                                      warm_up_passages)
 from test_model_fixtures import WORDS, pair_exits, spread_scores, tiny_dir  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -182,6 +183,48 @@ def test_deadlines_always_leave_a_well_formed_ranking(tiny):
         assert ranking[scored:] == unscored
         assert result.stats.deadline_hit or scored == len(order)
     assert not result.stats.deadline_hit and result.stats.layers_used == [tiny.config.num_layers] * len(order)
+
+
+def test_warm_up_runs_what_a_budget_can_choose_and_only_its_last_round_sets_the_load(tiny):
+    rungs = [FrontierPoint(RerankConfig(0.5, 0.5, 16, 10), 0.4, 1.0, 1.0),
+             FrontierPoint(RerankConfig(1.0, 1.0, 512, 100, keep=8), 0.6, 9.0, 9.0)]   # capped to 32 tokens, 20
+    profile = {"frontier": [p.to_dict() for p in rungs], "ladder": [p.to_dict() for p in rungs],
+               "cost_model": CostModel({"calls": 1.0}, {}).to_dict(), "threads": torch.get_num_threads()}
+    reranker = Reranker(tiny, max_length=32, candidates=20, exits=False, dtype="fp32", profile=profile)
+    ran, loads_seen = [], []
+    run_config, observe = reranker.rerank_config, reranker._observe
+    reranker.rerank_config = lambda *args, **kwargs: ran.append(args[3]) or run_config(*args, **kwargs)
+    reranker._observe = lambda *args: loads_seen.append(reranker.load) or observe(*args)
+    seconds = reranker.warm_up(rounds=3)
+    configs = [reranker.config, RerankConfig(0.5, 0.5, 16, 10), RerankConfig(1.0, 1.0, 32, 20, keep=8)]
+    assert ran == configs * 3 and seconds > 0
+    assert loads_seen[0] == loads_seen[3] == loads_seen[6] == 1.0      # earlier rounds' timings are undone
+    assert reranker.load != 1.0                                         # the last round's are kept
+    for bad in ({"rounds": 0}, {"rounds": True}, {"passages": []}):
+        with pytest.raises(InputError):
+            reranker.warm_up(**bad)
+
+
+def test_rerank_run_warms_up_once_before_its_first_budgeted_query(tiny):
+    candidates, texts = candidates_and_texts(12)
+    run, topics = {"q1": candidates, "q2": candidates}, {"q1": "why is the sky blue", "q2": "cats"}
+    reranker = Reranker(tiny, max_length=32, exits=False, dtype="fp32")
+    warm_ups = []
+    warm_up = reranker.warm_up
+    reranker.warm_up = lambda *args: warm_ups.append(args) or warm_up(*args)
+    reranker.rerank_run(run, topics, texts, progress=False)
+    assert warm_ups == []                               # no budget: nothing to protect
+    for _ in range(2):
+        reranked, _ = reranker.rerank_run(run, topics, texts, budget_ms=600_000, progress=False)
+    first_stage = [texts[docid] for docid, _ in trec_order(candidates)]
+    assert warm_ups == [("why is the sky blue", first_stage)] and set(reranked) == {"q1", "q2"}
+
+
+def test_warm_up_passages_spread_their_lengths_in_every_prefix():
+    passages = warm_up_passages()
+    lengths = [len(p.split()) for p in passages]
+    assert len(passages) == 100 and min(lengths) == 4 and max(lengths) == 300
+    assert min(lengths[:20]) < 75 and max(lengths[:20]) > 225 and passages == warm_up_passages()
 
 
 def pruned_order(model, reranker, query, candidates, texts):

@@ -77,6 +77,25 @@ def test_rerank_run_reranks_the_top_candidates_and_keeps_the_rest_below(tiny_wor
         small.rerank_run({"nope": {"d1": 1.0}}, TOPICS)
 
 
+def test_budgeted_batches_warm_the_reranker_up_once_in_the_models_turn(pipeline, tiny_world):
+    topics = read_topics(tiny_world.topics_file)
+    warm_ups = []
+    warm_up = pipeline.reranker.warm_up
+    turns = pipeline._turns          # holding the turn: a ticket taken and being served
+
+    def counted(*args):
+        warm_ups.append((turns._next_ticket - turns._serving, args[0]))
+        return warm_up(*args)
+    pipeline.reranker.warm_up = counted
+    pipeline.batch_search(topics, k=4)
+    pipeline.rerank_run({"q0": {"d0": 1.0, "d1": 0.5}}, TOPICS, budget_ms=0)
+    assert warm_ups == []                                       # no budget, or nothing to rerank
+    pipeline.rerank_run({"q0": {"d0": 1.0, "d1": 0.5}}, TOPICS, budget_ms=600_000)   # on its first query
+    pipeline.batch_search(topics, k=4, budget_ms=600_000)
+    assert warm_ups == [(1, TOPICS["q0"])] and pipeline.reranker.warmed_up
+    assert Pipeline(index=tiny_world.index, collection=tiny_world.collection).warm_up() == 0.0   # no reranker
+
+
 def test_rerank_takes_texts_pairs_or_a_mapping_like_cross_encoder_rank(pipeline):
     texts = ["a red car on the road", "the cat sat on the mat", "paris is the capital city of france"]
     query = "cat"

@@ -244,6 +244,19 @@ class Pipeline:
         return (f"Pipeline(first_stage={self.first_stage!r}, reranker={self.reranker!r}, "
                 f"candidates={self.candidates}, concurrency={self.concurrency})")
 
+    def warm_up(self, query: str | None = None, passages: Sequence[str] | None = None, rounds: int = 2) -> float:
+        """The reranker's ``warm_up``, in this pipeline's turn on the model: call it before serving budgeted
+        queries, so that the first ones do not pay the process's one-time costs against their budgets; a few
+        real passages warm up best. ``batch_search`` (synthetic passages) and ``rerank_run`` (its first
+        query's) call it once when given a budget. Returns the seconds it took."""
+        if self.reranker is None:
+            return 0.0
+        with self._turns.turn():
+            return self.reranker.warm_up(query, passages, rounds)
+
+    def _needs_warm_up(self, budget_ms: float | None) -> bool:
+        return bool(budget_ms) and self.reranker is not None and not self.reranker.warmed_up
+
     # -- searching -------------------------------------------------------------------------------
 
     def search(self, query: str, k: int = 10, budget_ms: float | None = None) -> list[Hit]:
@@ -286,6 +299,8 @@ class Pipeline:
         if not isinstance(topics, Mapping):
             raise InputError(f"topics must be a mapping {{qid: query}}, got {type(topics).__name__}")
         concurrency = max(self.concurrency, _check_threads(threads))
+        if self._needs_warm_up(self._budget(budget_ms)):
+            self.warm_up()
 
         def one(qid: str) -> tuple[Run, SearchStats]:
             hits, stats = self.search_with_stats(clean_text(topics[qid], f"query {qid}"), k, budget_ms, concurrency)
@@ -313,6 +328,10 @@ class Pipeline:
             raise InputError(f"run query {missing[0]!r} has no topic" +
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         concurrency = max(self.concurrency, _check_threads(threads))
+        first = next((qid for qid in run if run[qid]), None)
+        if self._needs_warm_up(budget_ms) and first is not None:
+            self.warm_up(clean_text(topics[first], f"query {first}"),
+                         self._texts(dict(trec_order(run[first])[:self.candidates])))
 
         def one(qid: str) -> tuple[dict[str, float], SearchStats]:
             started = time.perf_counter()

@@ -114,6 +114,15 @@ class RerankConfig:
         return f"w{self.width:g} d{self.depth:g} L{self.max_length} K{self.candidates}{keep} exits {exits}"
 
 
+def capped(config: RerankConfig, max_candidates: int | None, max_length: int | None) -> RerankConfig:
+    """``config`` with at most ``max_candidates`` candidates and ``max_length`` tokens (None: no cap)."""
+    if max_candidates is not None and config.candidates > max_candidates:
+        config = replace(config, candidates=max_candidates)
+    if max_length is not None and config.max_length > max_length:
+        config = replace(config, max_length=max_length)
+    return config
+
+
 # ---------------------------------------------------------------------------------------------
 # Cost model
 
@@ -332,11 +341,7 @@ class Controller:
         for point in self.rungs:
             if point.predicted_p95(candidates) * load <= budget_ms:
                 chosen = point
-        config = chosen.config
-        if max_candidates is not None and config.candidates > max_candidates:
-            config = replace(config, candidates=max_candidates)
-        if max_length is not None and config.max_length > max_length:
-            config = replace(config, max_length=max_length)
+        config = capped(chosen.config, max_candidates, max_length)
         return chosen if config == chosen.config else replace(chosen, config=config)
 
     def correction(self, config: RerankConfig) -> float:

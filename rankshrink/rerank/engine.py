@@ -36,6 +36,7 @@ deadline is the budget. Without one, the Reranker's fixed configuration runs wit
 from __future__ import annotations
 
 import math
+import random
 import threading
 import time
 import warnings
@@ -51,7 +52,7 @@ import torch
 from ..data import trec_order
 from ..errors import InputError
 from .budget import (DEFAULT_HEADROOM, PRUNE_MAX_LENGTH, WORK_FEATURES, Controller, FrontierPoint, RerankConfig,
-                     check_headroom)
+                     capped, check_headroom)
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -63,6 +64,10 @@ MAX_PADDING = 0.15
 # (rows x length), which costs a query whose batches are new shapes more than its matmuls (eval/README.md); with
 # lengths in steps of 16 the shapes repeat across queries.
 LENGTH_STEP = 16
+WARM_UP_QUERY = "how does a reranker warm up before its first query"
+# Everyday words for synthetic passages: the warm-up needs their token counts, not their sense.
+_WARM_UP_WORDS = ("the river runs past an old stone mill where farmers bring grain each autumn and the miller "
+                  "weighs every sack before he grinds it into flour for bread sold at the market").split()
 # Time kept back from a deadline for putting the result together.
 FINISH_MS = 1.0
 # How fast the load estimate follows the latest query (exponential moving average).
@@ -304,6 +309,7 @@ class Reranker:
         self._load = 1.0
         self._load_lock = threading.Lock()
         self._warned_no_profile = False
+        self._warmed_up = False
 
     def __repr__(self) -> str:
         dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"
@@ -328,6 +334,11 @@ class Reranker:
         depth = min(self.model.config.depths) if config.prune_depth is None else config.prune_depth
         return RerankConfig(min(self.model.config.widths), depth, min(PRUNE_MAX_LENGTH, config.max_length),
                             candidates, None)
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether ``warm_up`` has run."""
+        return self._warmed_up
 
     @property
     def load(self) -> float:
@@ -375,6 +386,36 @@ class Reranker:
         optional deadline in milliseconds from now."""
         started = time.perf_counter()
         return self._run(started, query, _first_stage_order(candidates), texts, config, top_k, deadline_ms, None)
+
+    def warm_up(self, query: str | None = None, passages: Sequence[str] | None = None, rounds: int = 2) -> float:
+        """Rerank ``passages`` for ``query`` (default: ``warm_up_passages()`` for ``WARM_UP_QUERY``; a real
+        query's candidates warm up better) at the fixed configuration and at every one a budget can choose (the
+        profile's ladder), ``rounds`` times, before any query's clock runs: a process's first reranks pay
+        one-time costs (oneDNN builds a kernel for each new matrix shape) that would otherwise count against
+        its first queries' budgets. Only the last round updates the load (``load``), so that it measures the
+        machine, not those costs. Call it before serving queries; ``rerank_run`` with a budget calls it once,
+        on its first query. Returns the seconds it took."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise InputError(f"rounds must be a positive integer, got {rounds!r}")
+        query = WARM_UP_QUERY if query is None else query
+        passages = warm_up_passages() if passages is None else list(passages)
+        if not passages:
+            raise InputError("warm_up needs at least one passage")
+        configs = [self.config]
+        if self.controller is not None:
+            configs += [capped(point.config, self.config.candidates, self.config.max_length)
+                        for point in self.controller.rungs]
+        docids = [str(position) for position in range(len(passages))]
+        started = time.perf_counter()
+        for round_ in range(rounds):
+            load = self._load
+            for config in dict.fromkeys(configs):   # a deadline never reached: the heads run as under a budget
+                self.rerank_config(query, docids, passages, config, deadline_ms=3_600_000)
+            if round_ < rounds - 1:
+                with self._load_lock:
+                    self._load = load
+        self._warmed_up = True
+        return time.perf_counter() - started
 
     def _run(self, started: float, query: str, docids: list[str], texts: Mapping[str, str] | Sequence[str],
              config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None
@@ -625,7 +666,8 @@ class Reranker:
                    budget_ms: float | None = None, progress: bool = True, top_k: int | None = None
                    ) -> tuple[dict[str, dict[str, float]], dict[str, QueryStats]]:
         """Rerank every query of a Run: ``(new run, {qid: QueryStats})``. ``collection``: a ``Collection``,
-        a path to one, or any mapping docid → text. Texts are read before each query's clock starts."""
+        a path to one, or any mapping docid → text. Texts are read before each query's clock starts; with a
+        budget, the reranker warms up on the first query's candidates (``warm_up``), unless it has already."""
         from tqdm.auto import tqdm
 
         from ..data import open_collection
@@ -641,6 +683,8 @@ class Reranker:
         for qid in tqdm(list(run), desc="reranking", unit="query", disable=not progress, dynamic_ncols=True):
             docids = [docid for docid, _ in trec_order(run[qid])][:self.config.candidates]
             texts = dict(zip(docids, _read_texts(collection, docids)))
+            if budget_ms and not self.warmed_up and texts:
+                self.warm_up(topics[qid], list(texts.values()))
             result = self.rerank(topics[qid], run[qid], texts, budget_ms=budget_ms, top_k=top_k)
             reranked_run[qid] = result.scores
             stats[qid] = result.stats
@@ -662,6 +706,16 @@ class _Outcome:
     def finish(self, began: float) -> "_Outcome":
         self.elapsed_ms = (time.perf_counter() - began) * 1000
         return self
+
+
+def warm_up_passages(count: int = 100, longest_words: int = 300) -> list[str]:
+    """``count`` synthetic passages from 4 to ``longest_words`` words (300: past 256 tokens), evenly spread and
+    shuffled the same way every time, so that a warm-up meets short and long passages' micro-batch shapes, in
+    its first candidates too. Real candidates warm up better (their shapes are the ones queries will make)."""
+    lengths = [4 + i * (longest_words - 4) // max(1, count - 1) for i in range(count)]
+    random.Random(0).shuffle(lengths)
+    words = _WARM_UP_WORDS
+    return [" ".join(words[(i + j) % len(words)] for j in range(length)) for i, length in enumerate(lengths)]
 
 
 def assemble(docids: Sequence[str], values: Sequence[float]) -> dict[str, float]:

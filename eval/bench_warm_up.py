@@ -1,0 +1,81 @@
+"""A fresh process's first budgeted queries, cold and after ``Reranker.warm_up``: TREC DL 2019 BM25 top-100.
+
+    python eval/bench_warm_up.py --model models/trec-dl-offline --budget-ms 50 --trials 5
+
+Each trial starts two fresh processes, one cold and one that first warms up on the last dl19 query's
+candidates (a query the timed ones are not), in alternating order; each then reranks the first ``--queries``
+dl19 queries within the budget and reports each one's latency over the controller's prediction (which the
+warm-up's load already scales) and its deadline cuts. Prints, per arm, the first query's ratio (median, max
+over trials) and the cuts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    from rankshrink.data import open_collection, read_run, read_topics, trec_order
+    from rankshrink.model import load_model
+    from rankshrink.rerank import Reranker
+
+    torch.set_num_threads(args.threads)
+    run = read_run(args.split / "runs" / "bm25.top100.trec")
+    topics = read_topics(args.split / "topics.tsv")
+    collection = open_collection(args.split / "passages.jsonl")
+    qids = [qid for qid in run if qid in topics]
+    reranker = Reranker(load_model(args.model), dtype="bf16")
+    texts = {qid: collection.texts([docid for docid, _ in trec_order(run[qid])]) for qid in qids}
+    seconds = reranker.warm_up(topics[qids[-1]], texts[qids[-1]]) if args.child == "warm" else 0.0
+    queries = []
+    for qid in qids[:args.queries]:
+        stats = reranker.rerank(topics[qid], run[qid], texts[qid], budget_ms=args.budget_ms).stats
+        queries.append({"ratio": stats.latency_ms / stats.predicted_ms, "cut": stats.deadline_hit})
+    print(json.dumps({"warm_up_s": seconds, "queries": queries}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="a profiled model directory")
+    parser.add_argument("--split", type=Path, default=REPO.parent / "shared" / "trec-dl" / "dl19")
+    parser.add_argument("--budget-ms", type=float, default=50.0)
+    parser.add_argument("--queries", type=int, default=5, help="queries timed in each process")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    results: dict[str, list[dict]] = {"cold": [], "warm": []}
+    for trial in range(args.trials):
+        for arm in (("cold", "warm") if trial % 2 == 0 else ("warm", "cold")):
+            command = [sys.executable, __file__, "--child", arm, "--model", str(args.model), "--split",
+                       str(args.split), "--budget-ms", str(args.budget_ms), "--queries", str(args.queries),
+                       "--threads", str(args.threads)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[arm].append(json.loads(output.strip().splitlines()[-1]))
+    print(f"{args.trials} trials, fresh processes, budget {args.budget_ms:g} ms, first {args.queries} queries of "
+          f"{args.split.name}; latency / prediction:")
+    for arm, trials in results.items():
+        first = [trial["queries"][0]["ratio"] for trial in trials]
+        rest = [query["ratio"] for trial in trials for query in trial["queries"][1:]]
+        cuts = sum(query["cut"] for trial in trials for query in trial["queries"])
+        warm_up = f", warm-up {statistics.median(t['warm_up_s'] for t in trials):.1f} s" if arm == "warm" else ""
+        print(f"{arm}: first query median {statistics.median(first):.2f}, max {max(first):.2f} "
+              f"(each: {', '.join(f'{r:.2f}' for r in first)}); later queries median {statistics.median(rest):.2f}, "
+              f"max {max(rest):.2f}; deadline cuts {cuts} of {len(trials) * args.queries}{warm_up}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
