@@ -74,6 +74,7 @@ from typing import Any, Literal
 
 from ..data import Run, Topics, atomic_write, open_collection, read_qrels, read_run, read_topics, write_run
 from ..errors import InputError
+from ..rerank.budget import RerankConfig
 
 RowKind = Literal["first-stage", "fixed", "budget"]
 RESULTS_FILE, TABLE_FILE = "results.json", "table.md"
@@ -220,18 +221,14 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
         if not isinstance(config, dict):
             raise InputError(f"{path}: rerank.configs[{number}] must be a mapping like {{width: 0.5, depth: 1.0}}")
         _check_keys(config, _CONFIG_KEYS, path, f"rerank.configs[{number}].")
-        for key in ("width", "depth"):
-            value = config.setdefault(key, 1.0)
-            if not 0 < value <= 1:
-                raise InputError(f"{path}: rerank.configs[{number}].{key} must be in (0, 1], got {value}")
-        config.setdefault("max_length", section["max_length"])
-        keep = config.setdefault("keep", None)
-        if keep is not None and keep < 1:
-            raise InputError(f"{path}: rerank.configs[{number}].keep must be a positive integer, got {keep!r}")
-        prune_depth = config.setdefault("prune_depth", None)
-        if prune_depth is not None and (keep is None or not 0 < prune_depth <= 1):
-            raise InputError(f"{path}: rerank.configs[{number}].prune_depth must be in (0, 1], with keep, "
-                             f"got {prune_depth!r}")
+        for key, default in (("width", 1.0), ("depth", 1.0), ("max_length", section["max_length"]), ("keep", None),
+                             ("prune_depth", None)):
+            config.setdefault(key, default)
+        try:    # the reranker's own rules, named by file and row
+            RerankConfig(config["width"], config["depth"], config["max_length"], section["candidates"], None,
+                         config["keep"], config["prune_depth"])
+        except InputError as error:
+            raise InputError(f"{path}: rerank.configs[{number}]: {error}") from None
         config.setdefault("name", _config_name(config))
     for budget in section["budgets_ms"]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
