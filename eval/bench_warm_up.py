@@ -1,6 +1,6 @@
 """A fresh process's first budgeted queries, cold and after ``Reranker.warm_up``: TREC DL 2019 BM25 top-100.
 
-    python eval/bench_warm_up.py --model models/trec-dl-offline --budget-ms 50 --trials 5
+    python eval/bench_warm_up.py --model models/trec-dl-offline --budget-ms 50 --trials 6
 
 Each trial starts two fresh processes, one cold and one that first warms up on the last dl19 query's
 candidates (a query the timed ones are not), in alternating order; each then reranks the first ``--queries``
@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
     texts = {qid: collection.texts([docid for docid, _ in trec_order(run[qid])]) for qid in qids}
     seconds = reranker.warm_up(topics[qids[-1]], texts[qids[-1]]) if args.child == "warm" else 0.0
     queries = []
-    for qid in qids[:args.queries]:
+    for qid in qids[:-1][:args.queries]:          # never the warm-up's own query
         stats = reranker.rerank(topics[qid], run[qid], texts[qid], budget_ms=args.budget_ms).stats
         queries.append({"ratio": stats.latency_ms / stats.predicted_ms, "cut": stats.deadline_hit})
     print(json.dumps({"warm_up_s": seconds, "queries": queries}))
@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", choices=("cold", "warm"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.queries < 2 or args.trials < 1:
+        parser.error("--queries must be at least 2 (the first, and later ones) and --trials at least 1")
     if args.child:
         child(args)
         return 0
@@ -70,10 +72,11 @@ def main() -> int:
         first = [trial["queries"][0]["ratio"] for trial in trials]
         rest = [query["ratio"] for trial in trials for query in trial["queries"][1:]]
         cuts = sum(query["cut"] for trial in trials for query in trial["queries"])
+        timed = sum(len(trial["queries"]) for trial in trials)
         warm_up = f", warm-up {statistics.median(t['warm_up_s'] for t in trials):.1f} s" if arm == "warm" else ""
         print(f"{arm}: first query median {statistics.median(first):.2f}, max {max(first):.2f} "
               f"(each: {', '.join(f'{r:.2f}' for r in first)}); later queries median {statistics.median(rest):.2f}, "
-              f"max {max(rest):.2f}; deadline cuts {cuts} of {len(trials) * args.queries}{warm_up}")
+              f"max {max(rest):.2f}; deadline cuts {cuts} of {timed}{warm_up}")
     return 0
 
 

@@ -187,20 +187,24 @@ def test_deadlines_always_leave_a_well_formed_ranking(tiny):
 
 def test_warm_up_runs_what_a_budget_can_choose_and_only_its_last_round_sets_the_load(tiny):
     rungs = [FrontierPoint(RerankConfig(0.5, 0.5, 16, 10), 0.4, 1.0, 1.0),
-             FrontierPoint(RerankConfig(1.0, 1.0, 512, 100, keep=8), 0.6, 9.0, 9.0)]   # capped to 32 tokens, 20
+             FrontierPoint(RerankConfig(1.0, 1.0, 512, 100, keep=8), 0.6, 9.0, 9.0),   # capped to 32 tokens, 20
+             FrontierPoint(RerankConfig(1.0, 1.0, 32, 20), 0.7, 20.0, 20.0)]           # the fixed one: once a round
     profile = {"frontier": [p.to_dict() for p in rungs], "ladder": [p.to_dict() for p in rungs],
                "cost_model": CostModel({"calls": 1.0}, {}).to_dict(), "threads": torch.get_num_threads()}
     reranker = Reranker(tiny, max_length=32, candidates=20, exits=False, dtype="fp32", profile=profile)
-    ran, loads_seen = [], []
-    run_config, observe = reranker.rerank_config, reranker._observe
-    reranker.rerank_config = lambda *args, **kwargs: ran.append(args[3]) or run_config(*args, **kwargs)
-    reranker._observe = lambda *args: loads_seen.append(reranker.load) or observe(*args)
+    ran, observed = [], []
+    run, observe = reranker._run, reranker._observe
+    reranker._run = lambda *args, **kwargs: ran.append((args[4], args[6])) or run(*args, **kwargs)
+    reranker._observe = lambda config, *args: observed.append(config) or observe(config, *args)
     seconds = reranker.warm_up(rounds=3)
     configs = [reranker.config, RerankConfig(0.5, 0.5, 16, 10), RerankConfig(1.0, 1.0, 32, 20, keep=8)]
-    assert ran == configs * 3 and seconds > 0
-    assert loads_seen[0] == loads_seen[3] == loads_seen[6] == 1.0      # earlier rounds' timings are undone
-    assert reranker.load != 1.0                                         # the last round's are kept
-    for bad in ({"rounds": 0}, {"rounds": True}, {"passages": []}):
+    assert [config for config, _ in ran] == configs * 3 and seconds > 0 and reranker.warmed_up
+    assert all(deadline >= 3_600_000 for _, deadline in ran)          # heads run as under a budget
+    assert observed == configs and reranker.load != 1.0               # the last round sets the load
+    ran.clear()
+    reranker.warm_up("pets", {"a": "a cat", "b": "a dog"}, rounds=1, fixed=False)   # by docid; the ladder alone
+    assert [config for config, _ in ran] == configs[1:] + configs[:1]     # the fixed one here as a rung
+    for bad in ({"rounds": 0}, {"rounds": True}, {"passages": []}, {"passages": "one text"}):
         with pytest.raises(InputError):
             reranker.warm_up(**bad)
 
@@ -211,12 +215,15 @@ def test_rerank_run_warms_up_once_before_its_first_budgeted_query(tiny):
     reranker = Reranker(tiny, max_length=32, exits=False, dtype="fp32")
     warm_ups = []
     warm_up = reranker.warm_up
-    reranker.warm_up = lambda *args: warm_ups.append(args) or warm_up(*args)
+    reranker.warm_up = lambda *args, **kwargs: warm_ups.append(args) or warm_up(*args, **kwargs)
     reranker.rerank_run(run, topics, texts, progress=False)
     assert warm_ups == []                               # no budget: nothing to protect
+    with pytest.raises(InputError, match="budget"):
+        reranker.rerank_run(run, topics, texts, budget_ms=-5, progress=False)
+    assert warm_ups == []                               # a bad budget is refused first
     for _ in range(2):
         reranked, _ = reranker.rerank_run(run, topics, texts, budget_ms=600_000, progress=False)
-    first_stage = [texts[docid] for docid, _ in trec_order(candidates)]
+    first_stage = {docid: texts[docid] for docid, _ in trec_order(candidates)}
     assert warm_ups == [("why is the sky blue", first_stage)] and set(reranked) == {"q1", "q2"}
 
 

@@ -83,17 +83,28 @@ def test_budgeted_batches_warm_the_reranker_up_once_in_the_models_turn(pipeline,
     warm_up = pipeline.reranker.warm_up
     turns = pipeline._turns          # holding the turn: a ticket taken and being served
 
-    def counted(*args):
-        warm_ups.append((turns._next_ticket - turns._serving, args[0]))
-        return warm_up(*args)
+    def counted(*args, **kwargs):
+        warm_ups.append((turns._next_ticket - turns._serving, *args))
+        return warm_up(*args, **kwargs)
     pipeline.reranker.warm_up = counted
     pipeline.batch_search(topics, k=4)
     pipeline.rerank_run({"q0": {"d0": 1.0, "d1": 0.5}}, TOPICS, budget_ms=0)
+    pipeline.batch_search({}, budget_ms=600_000)
     assert warm_ups == []                                       # no budget, or nothing to rerank
-    pipeline.rerank_run({"q0": {"d0": 1.0, "d1": 0.5}}, TOPICS, budget_ms=600_000)   # on its first query
+    pipeline.rerank_run({"q0": {}, "q1": {"d0": 1.0, "d1": 0.5}}, TOPICS, budget_ms=600_000)   # on its first query
     pipeline.batch_search(topics, k=4, budget_ms=600_000)
-    assert warm_ups == [(1, TOPICS["q0"])] and pipeline.reranker.warmed_up
+    texts = [tiny_world.passages["d0"], tiny_world.passages["d1"]]
+    assert warm_ups == [(1, TOPICS["q1"], texts)] and pipeline.reranker.warmed_up
     assert Pipeline(index=tiny_world.index, collection=tiny_world.collection).warm_up() == 0.0   # no reranker
+
+
+def test_batch_search_warms_up_on_its_first_topics_candidates(pipeline, tiny_world):
+    warm_ups = []
+    warm_up = pipeline.reranker.warm_up
+    pipeline.reranker.warm_up = lambda *args, **kwargs: warm_ups.append(args) or warm_up(*args, **kwargs)
+    pipeline.batch_search({"empty": "  ", "q2": TOPICS["q2"]}, k=4, budget_ms=600_000)
+    candidates = BM25(tiny_world.index).search(TOPICS["q2"], k=20)
+    assert warm_ups == [(TOPICS["q2"], [tiny_world.passages[docid] for docid in candidates])]
 
 
 def test_rerank_takes_texts_pairs_or_a_mapping_like_cross_encoder_rank(pipeline):

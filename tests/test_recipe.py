@@ -158,6 +158,8 @@ def test_budget_rows_profile_a_model_that_has_no_profile_on_the_recipes_dev_data
      r"rerank.configs\[1\]: prune_depth 0.75 is the depth of a cascade's first pass: give keep too"),
     ({"rerank": {"configs": [{"keep": 10, "prune_depth": 1.5}]}}, r"rerank.configs\[1\]: prune_depth must be in"),
     ({"rerank": {"configs": [{"max_length": 4}]}}, r"rerank.configs\[1\]: max_length must be at least 8"),
+    ({"rerank": {"max_length": 4, "budgets_ms": [50]}}, r"rerank: max_length must be at least 8"),
+    ({"rerank": {"candidates": 0}}, r"rerank: candidates must be a positive integer, got 0"),
     ({"rerank": {"budgets_ms": [100, -5]}}, "budgets_ms must be numbers of milliseconds >= 0, got -5"),
     ({"rerank": {"dtype": "fp16"}}, "rerank.dtype must be auto, bf16 or fp32"),
     ({"search": {"first_stage": "tfidf"}}, "search.first_stage must be bm25, dense or hybrid"),

@@ -217,6 +217,7 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
     configs = section.setdefault("configs", [{"width": 1.0, "depth": 1.0}] if not section["budgets_ms"] else [])
     if section["dtype"] not in ("auto", "bf16", "fp32"):
         raise InputError(f"{path}: rerank.dtype must be auto, bf16 or fp32, got {section['dtype']!r}")
+    _check_config(path, "rerank", max_length=section["max_length"], candidates=section["candidates"])
     for number, config in enumerate(configs, start=1):
         if not isinstance(config, dict):
             raise InputError(f"{path}: rerank.configs[{number}] must be a mapping like {{width: 0.5, depth: 1.0}}")
@@ -224,11 +225,8 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
         for key, default in (("width", 1.0), ("depth", 1.0), ("max_length", section["max_length"]), ("keep", None),
                              ("prune_depth", None)):
             config.setdefault(key, default)
-        try:    # the reranker's own rules, named by file and row
-            RerankConfig(config["width"], config["depth"], config["max_length"], section["candidates"], None,
-                         config["keep"], config["prune_depth"])
-        except InputError as error:
-            raise InputError(f"{path}: rerank.configs[{number}]: {error}") from None
+        _check_config(path, f"rerank.configs[{number}]", **{key: config[key] for key in (
+            "width", "depth", "max_length", "keep", "prune_depth")})
         config.setdefault("name", _config_name(config))
     for budget in section["budgets_ms"]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
@@ -238,6 +236,14 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
     if duplicates:
         raise InputError(f"{path}: rerank rows named twice: {', '.join(duplicates)}")
     return section
+
+
+def _check_config(path: Path, where: str, **knobs) -> None:
+    """The reranker's own rules for these knobs (``RerankConfig``), an error naming the file and place."""
+    try:
+        RerankConfig(**knobs)
+    except InputError as error:
+        raise InputError(f"{path}: {where}: {error}") from None
 
 
 def _check_keys(section: dict, allowed: Mapping[str, type], path: Path, prefix: str) -> dict:

@@ -244,18 +244,26 @@ class Pipeline:
         return (f"Pipeline(first_stage={self.first_stage!r}, reranker={self.reranker!r}, "
                 f"candidates={self.candidates}, concurrency={self.concurrency})")
 
-    def warm_up(self, query: str | None = None, passages: Sequence[str] | None = None, rounds: int = 2) -> float:
+    def warm_up(self, query: str | None = None, passages: Sequence[str] | Mapping[str, str] | None = None,
+                rounds: int = 2) -> float:
         """The reranker's ``warm_up``, in this pipeline's turn on the model: call it before serving budgeted
-        queries, so that the first ones do not pay the process's one-time costs against their budgets; a few
-        real passages warm up best. ``batch_search`` (synthetic passages) and ``rerank_run`` (its first
-        query's) call it once when given a budget. Returns the seconds it took."""
+        queries, so that the first ones do not pay the process's one-time costs against their budgets; a real
+        query's candidates warm up best. ``batch_search`` (on its first topic's candidates) and ``rerank_run``
+        (on its first query's) call it once when given a budget. Returns the seconds it took."""
         if self.reranker is None:
             return 0.0
         with self._turns.turn():
             return self.reranker.warm_up(query, passages, rounds)
 
-    def _needs_warm_up(self, budget_ms: float | None) -> bool:
-        return bool(budget_ms) and self.reranker is not None and not self.reranker.warmed_up
+    def _warm_up_once(self, budget_ms: float | None, query: str, candidates: Mapping[str, float]) -> None:
+        """Before a budgeted batch: the reranker's warm-up on one query's candidates, unless it has had one (the
+        fixed configuration left out: budgeted queries climb the ladder)."""
+        if not budget_ms or self.reranker is None or self.reranker.warmed_up or not candidates:
+            return
+        texts = self._texts(candidates)
+        with self._turns.turn():
+            if not self.reranker.warmed_up:    # another batch may have warmed it up while this one waited
+                self.reranker.warm_up(query, texts, fixed=False)
 
     # -- searching -------------------------------------------------------------------------------
 
@@ -299,8 +307,12 @@ class Pipeline:
         if not isinstance(topics, Mapping):
             raise InputError(f"topics must be a mapping {{qid: query}}, got {type(topics).__name__}")
         concurrency = max(self.concurrency, _check_threads(threads))
-        if self._needs_warm_up(self._budget(budget_ms)):
-            self.warm_up()
+        budget = self._budget(budget_ms)
+        if budget and self.first_stage is not None and self.reranker is not None and not self.reranker.warmed_up:
+            first = next((str(qid) for qid in topics if clean_text(topics[qid], f"query {qid}").strip()), None)
+            if first is not None:
+                query = clean_text(topics[first], f"query {first}")
+                self._warm_up_once(budget, query, self.first_stage.search(query, k=self.candidates))
 
         def one(qid: str) -> tuple[Run, SearchStats]:
             hits, stats = self.search_with_stats(clean_text(topics[qid], f"query {qid}"), k, budget_ms, concurrency)
@@ -329,9 +341,9 @@ class Pipeline:
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         concurrency = max(self.concurrency, _check_threads(threads))
         first = next((qid for qid in run if run[qid]), None)
-        if self._needs_warm_up(budget_ms) and first is not None:
-            self.warm_up(clean_text(topics[first], f"query {first}"),
-                         self._texts(dict(trec_order(run[first])[:self.candidates])))
+        if first is not None:
+            self._warm_up_once(budget_ms, clean_text(topics[first], f"query {first}"),
+                               dict(trec_order(run[first])[:self.candidates]))
 
         def one(qid: str) -> tuple[dict[str, float], SearchStats]:
             started = time.perf_counter()

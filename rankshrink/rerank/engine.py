@@ -387,39 +387,41 @@ class Reranker:
         started = time.perf_counter()
         return self._run(started, query, _first_stage_order(candidates), texts, config, top_k, deadline_ms, None)
 
-    def warm_up(self, query: str | None = None, passages: Sequence[str] | None = None, rounds: int = 2) -> float:
-        """Rerank ``passages`` for ``query`` (default: ``warm_up_passages()`` for ``WARM_UP_QUERY``; a real
-        query's candidates warm up better) at the fixed configuration and at every one a budget can choose (the
-        profile's ladder), ``rounds`` times, before any query's clock runs: a process's first reranks pay
-        one-time costs (oneDNN builds a kernel for each new matrix shape) that would otherwise count against
-        its first queries' budgets. Only the last round updates the load (``load``), so that it measures the
-        machine, not those costs. Call it before serving queries; ``rerank_run`` with a budget calls it once,
-        on its first query. Returns the seconds it took."""
+    def warm_up(self, query: str | None = None, passages: Sequence[str] | Mapping[str, str] | None = None,
+                rounds: int = 2, *, fixed: bool = True) -> float:
+        """Rerank ``passages`` (texts, or docid → text) for ``query`` (default: ``warm_up_passages()`` for
+        ``WARM_UP_QUERY``; a real query's candidates warm up better) at every configuration a budget can choose
+        (the profile's ladder) and, with ``fixed``, at the fixed one that calls without a budget run, ``rounds``
+        times, before any query's clock runs: a process's first reranks pay one-time costs (oneDNN builds a
+        kernel for each new matrix shape) that would otherwise count against its first queries' budgets. Only
+        the last round updates the load (``load``), so that with 2 or more it measures the machine, not those
+        costs. Call it before serving queries; ``rerank_run`` with a budget calls it once, on its first query.
+        Returns the seconds it took."""
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise InputError(f"rounds must be a positive integer, got {rounds!r}")
+        if isinstance(passages, (str, bytes)):
+            raise InputError("passages must be a list of texts or a mapping docid -> text, not one string")
         query = WARM_UP_QUERY if query is None else query
-        passages = warm_up_passages() if passages is None else list(passages)
+        passages = warm_up_passages() if passages is None else \
+            list(passages.values()) if isinstance(passages, Mapping) else list(passages)
         if not passages:
             raise InputError("warm_up needs at least one passage")
-        configs = [self.config]
+        configs = [self.config] if fixed or self.controller is None else []
         if self.controller is not None:
             configs += [capped(point.config, self.config.candidates, self.config.max_length)
                         for point in self.controller.rungs]
         docids = [str(position) for position in range(len(passages))]
         started = time.perf_counter()
         for round_ in range(rounds):
-            load = self._load
             for config in dict.fromkeys(configs):   # a deadline never reached: the heads run as under a budget
-                self.rerank_config(query, docids, passages, config, deadline_ms=3_600_000)
-            if round_ < rounds - 1:
-                with self._load_lock:
-                    self._load = load
+                self._run(time.perf_counter(), query, docids, passages, config, None, 3_600_000, None,
+                          observe=round_ == rounds - 1)
         self._warmed_up = True
         return time.perf_counter() - started
 
     def _run(self, started: float, query: str, docids: list[str], texts: Mapping[str, str] | Sequence[str],
-             config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None
-             ) -> RerankResult:
+             config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None,
+             observe: bool = True) -> RerankResult:
         top_k = DEFAULT_TOP_K if top_k is None else _check_top_k(top_k)
         deadline = None
         if budget_ms is not None:
@@ -433,7 +435,7 @@ class Reranker:
             outcome = self._score_cascade(query, passages, config, top_k, deadline)
         else:
             outcome = self._score(query, passages, config, top_k, deadline, record=False)
-        return self._result(docids, reranked, outcome, config, started, budget_ms, predicted)
+        return self._result(docids, reranked, outcome, config, started, budget_ms, predicted, observe)
 
     def trace(self, query: str, passages: Sequence[str], config: RerankConfig) -> Trace:
         """Every head's score on every passage at ``config`` (no exit, no deadline), for calibration."""
@@ -641,7 +643,7 @@ class Reranker:
                 "dtype": "bf16" if self.dtype == torch.bfloat16 else "fp32"}
 
     def _result(self, docids: list[str], reranked: list[str], outcome: "_Outcome | None", config: RerankConfig,
-                started: float, budget_ms: float | None, predicted: float | None) -> RerankResult:
+                started: float, budget_ms: float | None, predicted: float | None, observe: bool) -> RerankResult:
         values = outcome.scores.tolist() if outcome is not None else [math.nan] * len(reranked)
         scores = assemble(docids, values)
         layers_used = (outcome.layers_used.tolist() if outcome is not None else [0] * len(reranked))
@@ -656,7 +658,7 @@ class Reranker:
             tokenize_ms=outcome.tokenize_ms if outcome is not None else 0.0,
             batch_sizes=outcome.batch_sizes if outcome is not None else [],
             work=dict(outcome.work) if outcome is not None else {})
-        if outcome is not None:
+        if outcome is not None and observe:
             self._observe(config, outcome.work, latency_ms)
         return RerankResult(scores, stats)
 
@@ -676,6 +678,7 @@ class Reranker:
         if missing:
             raise InputError(f"run query {missing[0]!r} has no topic" +
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        budget_ms = None if budget_ms is None else _check_budget(budget_ms)
         if isinstance(collection, (str, Path)):
             collection = open_collection(collection)
         reranked_run: dict[str, dict[str, float]] = {}
@@ -684,7 +687,7 @@ class Reranker:
             docids = [docid for docid, _ in trec_order(run[qid])][:self.config.candidates]
             texts = dict(zip(docids, _read_texts(collection, docids)))
             if budget_ms and not self.warmed_up and texts:
-                self.warm_up(topics[qid], list(texts.values()))
+                self.warm_up(topics[qid], texts, fixed=False)
             result = self.rerank(topics[qid], run[qid], texts, budget_ms=budget_ms, top_k=top_k)
             reranked_run[qid] = result.scores
             stats[qid] = result.stats
