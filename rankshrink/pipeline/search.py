@@ -309,9 +309,9 @@ class Pipeline:
         concurrency = max(self.concurrency, _check_threads(threads))
         budget = self._budget(budget_ms)
         if budget and self.first_stage is not None and self.reranker is not None and not self.reranker.warmed_up:
-            first = next((str(qid) for qid in topics if clean_text(topics[qid], f"query {qid}").strip()), None)
-            if first is not None:
-                query = clean_text(topics[first], f"query {first}")
+            queries = (clean_text(topics[qid], f"query {qid}") for qid in topics)
+            query = next((query for query in queries if query.strip()), None)
+            if query is not None:
                 self._warm_up_once(budget, query, self.first_stage.search(query, k=self.candidates))
 
         def one(qid: str) -> tuple[Run, SearchStats]:

@@ -183,8 +183,7 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
     peer.predict([(topics[qids[0]], text) for text in texts], batch_size=peer_batch_size, show_progress_bar=False)
     for arm in arms.values():
         run_arm(arm, qids[0], top, texts)
-    for engine in {id(rerankers[arm.dtype]): rerankers[arm.dtype] for arm in arms.values()
-                   if arm.budget_ms}.values():   # as rerank_run does before budgeted queries
+    for engine in {rerankers[arm.dtype] for arm in arms.values() if arm.budget_ms}:   # as rerank_run does
         engine.warm_up(topics[qids[0]], texts, fixed=False)
 
     sides = [PEER, *arms]
