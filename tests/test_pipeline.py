@@ -95,7 +95,19 @@ def test_budgeted_batches_warm_the_reranker_up_once_in_the_models_turn(pipeline,
     pipeline.batch_search(topics, k=4, budget_ms=600_000)
     texts = [tiny_world.passages["d0"], tiny_world.passages["d1"]]
     assert warm_ups == [(1, TOPICS["q1"], texts)] and pipeline.reranker.warmed_up
-    assert Pipeline(index=tiny_world.index, collection=tiny_world.collection).warm_up() == 0.0   # no reranker
+
+
+def test_pipeline_warm_up_searches_first_and_warms_the_reranker_on_what_it_found(pipeline, tiny_world):
+    searched, warm_ups = [], []
+    search, warm_up = pipeline.first_stage.search, pipeline.reranker.warm_up
+    pipeline.first_stage.search = lambda query, k: searched.append(query) or search(query, k=k)
+    pipeline.reranker.warm_up = lambda *args: warm_ups.append(args) or warm_up(*args)
+    assert pipeline.warm_up(TOPICS["q1"], rounds=1) > 0 and searched == [TOPICS["q1"]]
+    candidates = BM25(tiny_world.index).search(TOPICS["q1"], k=20)
+    assert warm_ups == [(TOPICS["q1"], [tiny_world.passages[docid] for docid in candidates], 1)]
+    pipeline.warm_up("zzzz qqqq", rounds=1)                 # nothing found: the reranker's own passages
+    assert warm_ups[-1] == ("zzzz qqqq", None, 1)
+    assert Pipeline(index=tiny_world.index, collection=tiny_world.collection).warm_up() > 0   # first stage alone
 
 
 def test_batch_search_warms_up_on_its_first_topics_candidates(pipeline, tiny_world):
