@@ -249,9 +249,9 @@ class Pipeline:
                 rounds: int = 2) -> float:
         """Pay the process's one-time costs before serving budgeted queries, so that the first ones do not pay
         them against their budgets: the first stage's first search and the collection's first read (on dl19
-        ~420 ms together: eval/bench_warm_up.py) for ``query``, then the reranker's ``warm_up`` on those (or on
-        ``passages``), in this pipeline's turn on the model. ``batch_search`` and ``rerank_run`` do it once by
-        themselves when given a budget, on their first query. Returns the seconds it took."""
+        ~420 ms together: eval/bench_warm_up.py) for ``query``, then the reranker's ``warm_up`` on what they
+        found (or on ``passages``), in this pipeline's turn on the model. ``batch_search`` and ``rerank_run`` do
+        it once by themselves when given a budget, on their first query. Returns the seconds it took."""
         from ..rerank.engine import WARM_UP_QUERY
 
         started = time.perf_counter()
