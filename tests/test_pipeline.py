@@ -105,8 +105,10 @@ def test_pipeline_warm_up_searches_first_and_warms_the_reranker_on_what_it_found
     assert pipeline.warm_up(TOPICS["q1"], rounds=1) > 0 and searched == [TOPICS["q1"]]
     candidates = BM25(tiny_world.index).search(TOPICS["q1"], k=20)
     assert warm_ups == [(TOPICS["q1"], [tiny_world.passages[docid] for docid in candidates], 1)]
-    pipeline.warm_up("zzzz qqqq", rounds=1)                 # nothing found: the reranker's own passages
-    assert warm_ups[-1] == ("zzzz qqqq", None, 1)
+    for nothing_found in ("zzzz qqqq", "  "):                # the reranker's own passages then
+        pipeline.warm_up(nothing_found, rounds=1)
+        assert warm_ups[-1] == (nothing_found, None, 1)
+    assert searched == [TOPICS["q1"], "zzzz qqqq"]            # an empty query is not searched
     assert Pipeline(index=tiny_world.index, collection=tiny_world.collection).warm_up() > 0   # first stage alone
 
 

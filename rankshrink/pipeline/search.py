@@ -256,7 +256,7 @@ class Pipeline:
 
         started = time.perf_counter()
         query = clean_text(WARM_UP_QUERY if query is None else query, "query")
-        if passages is None and self.first_stage is not None:
+        if passages is None and self.first_stage is not None and query.strip():
             passages = self._texts(self.first_stage.search(query, k=self.candidates)) or None
         if self.reranker is not None:
             with self._turns.turn():
