@@ -92,6 +92,7 @@ _SEARCH_KEYS = {"topics": str, "k": int, "run": str, "first_stage": str, "index"
 _RERANK_KEYS = {"model": str, "collection": str, "candidates": int, "max_length": int, "exits": bool,
                 "dtype": str, "configs": list, "budgets_ms": list, "threads": int, "overhead_ms": float}
 _CONFIG_KEYS = {"width": float, "depth": float, "max_length": int, "keep": int, "prune_depth": float, "name": str}
+_ROW_KNOBS = ("width", "depth", "max_length", "keep", "prune_depth")   # a fixed row's RerankConfig fields
 _EVAL_KEYS = {"qrels": str, "metrics": list, "baseline": str, "tolerance": float, "budget_tolerance": float}
 
 
@@ -225,8 +226,7 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
         for key, default in (("width", 1.0), ("depth", 1.0), ("max_length", section["max_length"]), ("keep", None),
                              ("prune_depth", None)):
             config.setdefault(key, default)
-        _check_config(path, f"rerank.configs[{number}]", **{key: config[key] for key in (
-            "width", "depth", "max_length", "keep", "prune_depth")})
+        _check_config(path, f"rerank.configs[{number}]", **{key: config[key] for key in _ROW_KNOBS})
         config.setdefault("name", _config_name(config))
     for budget in section["budgets_ms"]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
@@ -490,8 +490,7 @@ def _rerank_rows(recipe: Recipe, model: str, first_stage: Run, topics: Topics, b
                             dtype=section["dtype"], overhead_ms=section.get("overhead_ms", 20.0))
         loaded = pipeline.reranker.source_model      # loaded once; each row converts it as its dtype needs
         yield config["name"], *_rerank_one(pipeline, config["name"], first_stage, topics, None, section, progress,
-                                           log, {k: config[k] for k in ("width", "depth", "max_length", "keep",
-                                                                        "prune_depth")})
+                                           log, {k: config[k] for k in _ROW_KNOBS})
     if section["budgets_ms"] and budgets:
         pipeline = Pipeline(model=loaded or model, collection=texts, candidates=section["candidates"],
                             max_length=section["max_length"],

@@ -41,7 +41,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -263,12 +263,16 @@ class Pipeline:
                 self.reranker.warm_up(query, passages, rounds)
         return time.perf_counter() - started
 
-    def _warm_up_once(self, budget_ms: float | None, query: str, candidates: Mapping[str, float]) -> None:
-        """Before a budgeted batch: the reranker's warm-up on one query's candidates, unless it has had one (the
-        fixed configuration left out: budgeted queries climb the ladder)."""
-        if not budget_ms or self.reranker is None or self.reranker.warmed_up or not candidates:
+    def _warm_up_once(self, budget_ms: float | None, query: str, candidates: Callable[[], Mapping[str, float]]
+                      ) -> None:
+        """Before a budgeted batch: the reranker's warm-up on one query's candidates (``candidates()``: docid →
+        first-stage score, asked for only when a warm-up is due), unless it has had one (the fixed
+        configuration left out: budgeted queries climb the ladder)."""
+        if not budget_ms or self.reranker is None or self.reranker.warmed_up:
             return
-        texts = self._texts(candidates)
+        texts = self._texts(candidates())
+        if not texts:
+            return
         with self._turns.turn():
             if not self.reranker.warmed_up:    # another batch may have warmed it up while this one waited
                 self.reranker.warm_up(query, texts, fixed=False)
@@ -316,11 +320,11 @@ class Pipeline:
             raise InputError(f"topics must be a mapping {{qid: query}}, got {type(topics).__name__}")
         concurrency = max(self.concurrency, _check_threads(threads))
         budget = self._budget(budget_ms)
-        if budget and self.first_stage is not None and self.reranker is not None and not self.reranker.warmed_up:
+        if budget and self.first_stage is not None:
             queries = (clean_text(topics[qid], f"query {qid}") for qid in topics)
-            query = next((query for query in queries if query.strip()), None)
-            if query is not None:
-                self._warm_up_once(budget, query, self.first_stage.search(query, k=self.candidates))
+            first = next((query for query in queries if query.strip()), None)
+            if first is not None:
+                self._warm_up_once(budget, first, lambda: self.first_stage.search(first, k=self.candidates))
 
         def one(qid: str) -> tuple[Run, SearchStats]:
             hits, stats = self.search_with_stats(clean_text(topics[qid], f"query {qid}"), k, budget_ms, concurrency)
@@ -351,7 +355,7 @@ class Pipeline:
         first = next((qid for qid in run if run[qid]), None)
         if first is not None:
             self._warm_up_once(budget_ms, clean_text(topics[first], f"query {first}"),
-                               dict(trec_order(run[first])[:self.candidates]))
+                               lambda: dict(trec_order(run[first])[:self.candidates]))
 
         def one(qid: str) -> tuple[dict[str, float], SearchStats]:
             started = time.perf_counter()
