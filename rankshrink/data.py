@@ -164,11 +164,17 @@ def read_run(path: str | Path) -> Run:
     return run
 
 
+def check_tag(tag: str) -> str:
+    """A TREC run tag: one word (the last column)."""
+    if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
+        raise InputError(f"run tag must be one word without spaces, got {tag!r}")
+    return tag
+
+
 def write_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str = "rankshrink",
               k: int | None = None) -> None:
     """Write a TREC run atomically, each query in trec_eval order, optionally cut to its top ``k``."""
-    if not tag or any(c.isspace() for c in tag):
-        raise InputError(f"run tag must be one word without spaces, got {tag!r}")
+    check_tag(tag)
     with atomic_write(path) as out:
         for qid in run:
             ranked = trec_order(run[qid])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class InputError(ValueError):
@@ -16,3 +17,10 @@ class InputError(ValueError):
         if len(shown) > 200:
             shown = shown[:200] + "..."
         return cls(f"{path}:{line_number}: {problem}: {shown!r}")
+
+
+def check_integer(name: str, value: Any, least: int = 1) -> Any:
+    """``value`` when it is None or an integer >= ``least``; else an InputError that names it."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+    return value

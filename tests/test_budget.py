@@ -202,6 +202,9 @@ def test_controller_picks_the_best_point_that_fits_and_the_cheapest_when_none_do
     assert controller.choose(110, candidates=50).ndcg == 0.7                     # fewer candidates cost less
     capped = controller.choose(500, candidates=100, max_candidates=20, max_length=16)
     assert capped.config.candidates == 20 and capped.config.max_length == 16
+    # a reranker capped to 20 candidates is chosen for by what 20 cost, however many the first stage gave
+    assert controller.choose(45, candidates=100, max_candidates=20).ndcg == 0.7
+    assert controller.choose(45, candidates=100, max_candidates=20).predicted_p95(100) == pytest.approx(40.0)
     assert controller.cheapest_within(0.7, 0.1).ndcg == 0.6
     with pytest.raises(InputError, match="profile is malformed"):
         Controller.from_profile({"frontier": [{"width": 1.0}]})
@@ -217,6 +220,11 @@ def test_a_profiled_timing_corrects_the_prediction_of_its_configuration(tiny):
     assert controller.choose(60, candidates=100) == cheap
     assert controller.correction(slow.config) == 2.0 and controller.correction(cheap.config) == 1.0
     assert controller.correction(replace(slow.config, candidates=30)) == 2.0       # capped to fewer
+    assert slow.capped_to(50, None).correction == 2.0 and slow.capped_to(50, None).predicted_p95(100) == 50.0
+    deeper = replace(slow.config, keep=20, prune_depth=0.75)
+    shallower = FrontierPoint(replace(deeper, prune_depth=0.5), 0.6, 50.0, 50.0, 0.0, 25.0, 30.0)
+    assert Controller([FrontierPoint(deeper, 0.6, 50.0, 50.0, 0.0, 100.0, 130.0), shallower]).correction(
+        shallower.config) == 0.5                                                     # each cascade its own
     # the engine does not read a configuration's known misprediction as load
     work = {"calls": 1, "pairs": 10, "tokens": 500, "steps": 4, "heads": 0, "gflops": 1.0}
     cost_model = CostModel({"calls": 50.0}, {})

@@ -7,6 +7,7 @@ import random
 import threading
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,12 +85,16 @@ def test_a_prefix_depth_reranks_with_the_exit_head_it_ends_at(tiny, depth):
     assert expected.std() > 0.1 and len(result.stats.batch_sizes) == len(tiny.layers_for(depth)) < tiny.config.num_layers
 
 
-def test_texts_may_be_a_list_in_first_stage_order(tiny):
+def test_a_list_of_texts_follows_the_candidates_as_given_even_on_tied_scores(tiny):
     candidates, texts = candidates_and_texts(10)
-    order = [docid for docid, _ in trec_order(candidates)]
+    assert list(candidates) != [docid for docid, _ in trec_order(candidates)]     # ties: d00 and d01 swap
     reranker = Reranker(tiny, max_length=32, exits=False, dtype="fp32")
-    assert reranker.rerank("cat", candidates, [texts[d] for d in order]).scores == \
-        reranker.rerank("cat", candidates, texts).scores
+    expected = reranker.rerank("cat", candidates, texts).scores
+    assert reranker.rerank("cat", candidates, [texts[d] for d in candidates]).scores == expected
+    as_list = reranker.rerank("cat", list(candidates), [texts[d] for d in candidates]).scores
+    assert max(abs(as_list[d] - expected[d]) for d in candidates) < 1e-5
+    config = reranker.config
+    assert reranker.rerank_config("cat", candidates, [texts[d] for d in candidates], config).scores == expected
 
 
 @pytest.mark.parametrize("pooling", ["cls", "pair"])
@@ -351,6 +356,18 @@ def test_bf16_copy_leaves_the_callers_model_alone_and_ranks_alike(tiny):
     assert max(abs(a[d] - b[d]) for d in b) < 0.05 * spread
 
 
+@pytest.mark.parametrize("dtype, training", [("bf16", False), ("fp32", True)])
+def test_a_new_reranker_scores_with_the_models_current_weights(tiny, dtype, training):
+    candidates, texts = candidates_and_texts(6)
+    tiny.train(training)
+    before = Reranker(tiny, max_length=32, exits=False, dtype=dtype).rerank("cat", candidates, texts).scores
+    with torch.no_grad():                     # what a training step does: the weights change in place
+        tiny.head.classifier.weight.mul_(-1.0)
+    after = Reranker(tiny, max_length=32, exits=False, dtype=dtype).rerank("cat", candidates, texts).scores
+    assert all(math.isclose(after[d], 2 * tiny.head.classifier.bias.item() - before[d], abs_tol=0.05)
+               for d in candidates)
+
+
 def test_empty_input_and_empty_query(tiny):
     reranker = Reranker(tiny, max_length=32, dtype="fp32")
     assert reranker.rerank("cat", {}, {}).scores == {}
@@ -374,6 +391,10 @@ def test_long_passages_are_truncated_to_max_length(tiny):
     (lambda r: r.rerank("cat", {"a": 1.0}, {"a": None}), "the text of candidate 'a' is NoneType"),
     (lambda r: r.rerank("cat", {"a": 1.0}, {"a": "x"}, budget_ms=-1), "budget_ms must be"),
     (lambda r: r.rerank("cat", {"a": 1.0}, {"a": "x"}, top_k=0), "top_k must be a positive integer"),
+    (lambda r: r.rerank("cat", {"a": math.nan, "b": 1.0}, {"a": "x", "b": "y"}, budget_ms=0),
+     "the first-stage score of candidate 'a' is nan"),
+    (lambda r: r.rerank(None, {"a": 1.0}, {"a": "x"}), "the query must be a string, got NoneType"),
+    (lambda r: r.choose(50, 10), "the model has no profile to choose from"),
 ])
 def test_bad_input_raises_input_error(tiny, call, message):
     with pytest.raises(InputError) as error:
@@ -381,10 +402,19 @@ def test_bad_input_raises_input_error(tiny, call, message):
     assert message in str(error.value)
 
 
+def test_numpy_numbers_are_numbers(tiny):
+    result = Reranker(tiny, max_length=32, dtype="fp32").rerank("cat", {"a": np.float32(2.0), "b": 1.0},
+                                                                {"a": "x", "b": "y"}, budget_ms=np.int64(0),
+                                                                top_k=np.int64(1))
+    assert result.ranking() == ["a", "b"]
+
+
 def test_bad_construction_raises_input_error(tiny):
     with pytest.raises(InputError, match="width must be in"):
         Reranker(tiny, width=0)
     assert Reranker(tiny, max_length=512).config.max_length == 64      # the model's positions
+    explicit = Reranker(tiny, dtype="fp32").rerank_config("cat", ["a"], ["cat " * 300], RerankConfig(max_length=512))
+    assert explicit.stats.config["max_length"] == 64
     with pytest.raises(InputError, match="exit_risk must be a probability"):
         Reranker(tiny, exits=2.0)
     with pytest.raises(InputError, match="dtype must be"):

@@ -150,6 +150,42 @@ def test_a_run_query_without_topic_is_a_one_line_error(files, tmp_path, capsys):
     assert not (tmp_path / "x.trec").exists()
 
 
+@pytest.mark.parametrize("command, extra, message", [
+    ("rerank", ["--tag", "my run"], "run tag must be one word without spaces, got 'my run'"),
+    ("bench", ["--queries", "0"], "queries must be an integer >= 1, got 0"),
+    ("bench", ["--peer-threads", "0"], "peer_threads must be an integer >= 1, got 0"),
+    ("profile", ["--queries", "0"], "queries must be an integer >= 1, got 0"),
+    ("profile", ["--top-k", "0"], "top_k must be an integer >= 1, got 0"),
+])
+def test_bad_options_are_one_line_errors_before_any_work(files, tmp_path, capsys, monkeypatch, command, extra,
+                                                          message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("reranked before checking its options")
+
+    monkeypatch.setattr(Reranker, "rerank_config", no_work)
+    monkeypatch.setattr(Reranker, "rerank_run", no_work)
+    monkeypatch.setattr(Reranker, "trace", no_work)
+    common = ["--run", str(files.run), "--topics", str(files.topics), "--collection", str(files.collection)]
+    if command == "rerank":
+        args = files.rerank_args(tmp_path / "x.trec", *extra)
+    elif command == "bench":
+        args = ["bench", *common, "--model", str(files.model), "--quiet", *extra]
+    else:
+        args = ["profile", *common, "--model", str(files.model), "--qrels", str(files.qrels), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_stats_mean_layers_counts_the_passages_the_network_saw(files, tmp_path):
+    stats = tmp_path / "stats.json"
+    assert main(files.rerank_args(tmp_path / "x.trec", "--candidates", "10", "--no-exits", "--stats", str(stats))) == 0
+    written = json.loads(stats.read_text())
+    layers = rankshrink.load_model(files.model).config.num_layers
+    assert written["summary"]["mean_layers"] == layers
+    assert all(query["mean_layers"] == layers and 0 in query["layers_used"] for query in written["queries"].values())
+
+
 def test_ctrl_c_leaves_no_partial_output(tmp_path):
     files = Files(tmp_path, queries=300, docs=30)
     output = tmp_path / "interrupted.trec"

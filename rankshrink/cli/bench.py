@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
         arm = Arm(budget_ms=args.budget_ms)
     else:
         risk = None if exits is True or exits is False else exits
-        arm = Arm(config=RerankConfig(args.width, args.depth, args.max_length, args.candidates, risk, args.keep),
+        arm = Arm(config=RerankConfig(args.width, args.depth, args.max_length, args.candidates, risk, args.keep,
+                                               args.prune_depth),
                   model_exits=exits is True)
     result = bench(args.model, read_run(args.run), read_topics(args.topics), open_collection(args.collection),
                    read_qrels(args.qrels) if args.qrels else None, arms={"rankshrink": arm}, queries=args.queries,

@@ -34,7 +34,8 @@ def add_reranker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where the CPU has bf16 arithmetic (default: %(default)s)")
     parser.add_argument("--threads", type=int,
-                        help="torch intra-op threads (default: those the model was profiled with, else torch's)")
+                        help="torch intra-op threads (default: those the model was profiled with, else torch's; "
+                             "bench: else --peer-threads)")
 
 
 def exits_option(args: argparse.Namespace):
@@ -69,17 +70,18 @@ def open_reranker(args: argparse.Namespace):
     from ..rerank import Reranker
 
     model = load_model(args.model)
-    threads = args.threads or (model.metadata.get("profile") or {}).get("threads")   # as profiled, by default
+    threads = args.threads if args.threads is not None else (model.metadata.get("profile") or {}).get("threads")
     return Reranker(model, width=args.width, depth=args.depth, max_length=args.max_length,
                     candidates=args.candidates, exits=exits_option(args), dtype=args.dtype, threads=threads,
                     keep=args.keep, prune_depth=args.prune_depth)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import atomic_write, open_collection, read_run, read_topics, write_run
+    from ..data import atomic_write, check_tag, open_collection, read_run, read_topics, write_run
 
     if args.budget_ms is not None and not args.budget_ms >= 0:
         raise InputError(f"--budget-ms must be >= 0, got {args.budget_ms}")
+    check_tag(args.tag)     # before the work, not after it
     first_stage = read_run(args.run)
     topics = read_topics(args.topics)
     collection = open_collection(args.collection)
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                                           progress=not args.quiet, top_k=args.top_k)
     write_run(reranked, args.output, tag=args.tag)
     latencies = [s.latency_ms for s in stats.values()]
-    layers = [n for s in stats.values() for n in s.layers_used if n]
+    layers = [n for s in stats.values() for n in s.layers_used if n]   # as QueryStats.mean_layers: those seen
     summary = {
         "queries": len(stats), "latency_ms_median": statistics.median(latencies),
         "latency_ms_p95": sorted(latencies)[max(0, int(round(0.95 * len(latencies))) - 1)],

@@ -76,10 +76,11 @@ def searcher(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import read_topics, write_run
+    from ..data import check_tag, read_topics, write_run
 
     topics = read_topics(args.topics)
     first_stage, tag = searcher(args)
+    check_tag(tag)
     started = time.perf_counter()
     results = first_stage.batch_search(topics, k=args.k, threads=args.threads)
     seconds = time.perf_counter() - started

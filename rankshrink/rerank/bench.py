@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data import Qrels, Run, Topics, trec_order
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from .budget import RerankConfig
 from .engine import Reranker, assemble
 
@@ -139,8 +139,9 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
     from ..metrics import evaluate
     from ..model import load_model
 
-    if repeats < 1:
-        raise InputError(f"repeats must be at least 1, got {repeats}")
+    for name, value in (("repeats", repeats), ("queries", queries), ("threads", threads),
+                        ("peer_threads", peer_threads), ("peer_batch_size", peer_batch_size)):
+        check_integer(name, value)
     qids = [qid for qid in run if qid in topics]
     missing = [qid for qid in run if qid not in topics]
     if missing:
@@ -150,6 +151,8 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
         qids = qids[:queries]
     if not qids:
         raise InputError("no query to bench")
+    if qrels is not None and not any(qid in qrels for qid in qids):
+        raise InputError(f"the qrels judge none of the {len(qids)} benched queries (first: {qids[0]!r})")
     peer = load_peer(model_dir, max_length)
     model = load_model(model_dir)
     if threads is None:   # as the model was profiled (its cost model holds for that), else as the peer

@@ -222,6 +222,24 @@ class FrontierPoint:
         uncorrected = self.ms_fixed + (self.ms_p95 - self.ms_fixed) * reranked / self.config.candidates
         return uncorrected * self.correction
 
+    def capped_to(self, max_candidates: int | None, max_length: int | None) -> "FrontierPoint":
+        """This point with its configuration ``capped`` and its times for the fewer candidates (the part that
+        grows with them, scaled; a cascade's kept: its second pass may cost as much on fewer; a shorter max
+        length is not credited)."""
+        config = capped(self.config, max_candidates, max_length)
+        if config.candidates == self.config.candidates or self.config.cascades(self.config.candidates):
+            return self if config == self.config else replace(self, config=config)
+        share = config.candidates / self.config.candidates
+
+        def scaled(ms: float | None) -> float | None:
+            return None if ms is None else self.ms_fixed + (ms - self.ms_fixed) * share
+
+        # The measured times scale as the predicted ones, so that the profile's correction stays what it was.
+        ratio = scaled(self.ms_p50) / self.ms_p50 if self.ms_p50 > 0 else 1.0
+        return replace(self, config=config, ms_p50=scaled(self.ms_p50), ms_p95=scaled(self.ms_p95),
+                       measured_ms_p50=None if self.measured_ms_p50 is None else self.measured_ms_p50 * ratio,
+                       measured_ms_p95=None if self.measured_ms_p95 is None else self.measured_ms_p95 * ratio)
+
     def to_dict(self) -> dict[str, Any]:
         values = {**self.config.as_dict(), "ndcg@10": self.ndcg, "ms_p50": self.ms_p50, "ms_p95": self.ms_p95,
                   "ms_fixed": self.ms_fixed}
@@ -336,20 +354,20 @@ class Controller:
                max_candidates: int | None = None, max_length: int | None = None) -> FrontierPoint:
         """The best rung whose predicted p95 (``FrontierPoint.predicted_p95``) × ``load`` fits ``budget_ms``
         for a query of ``candidates`` candidates; the cheapest rung when none fits. ``max_candidates`` /
-        ``max_length`` cap the chosen configuration (the caller's limits; capping only makes it cheaper)."""
-        chosen = self.rungs[0]
-        for point in self.rungs:
+        ``max_length`` cap every rung's configuration, and its prediction with it (the caller's limits)."""
+        rungs = [point.capped_to(max_candidates, max_length) for point in self.rungs]
+        chosen = rungs[0]
+        for point in rungs:
             if point.predicted_p95(candidates) * load <= budget_ms:
                 chosen = point
-        config = capped(chosen.config, max_candidates, max_length)
-        return chosen if config == chosen.config else replace(chosen, config=config)
+        return chosen
 
     def correction(self, config: RerankConfig) -> float:
         """``FrontierPoint.correction`` of the timed rung or frontier point that runs ``config``; for a
         configuration capped to fewer candidates, of the timed point with the fewest candidates above it; 1 for
         a configuration the profile did not time."""
         def knobs(c: RerankConfig) -> tuple:
-            return c.width, c.depth, c.max_length, c.exit_risk, c.keep
+            return c.width, c.depth, c.max_length, c.exit_risk, c.keep, c.prune_depth
 
         timed = [p for p in self.rungs + self.frontier if p.measured_ms_p50 is not None
                  and knobs(p.config) == knobs(config) and p.config.candidates >= config.candidates]

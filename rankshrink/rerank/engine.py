@@ -35,7 +35,9 @@ deadline is the budget. Without one, the Reranker's fixed configuration runs wit
 """
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 import random
 import threading
 import time
@@ -78,7 +80,8 @@ LOAD_SMOOTHING = 0.3
 class QueryStats:
     """What one ``rerank`` call did.
 
-    ``layers_used[i]``: layers run for the i-th candidate in first-stage order (0: not reranked).
+    ``layers_used[i]``: layers run for the i-th candidate in first-stage order (0: not reranked);
+    ``mean_layers``: their mean over the candidates the network saw.
     ``batch_sizes[j]``: rows of each micro-batch at the j-th executed layer (exited documents are gone).
     ``work``: the counts the cost model reads (pairs, tokens, micro-batch steps, head evaluations, GFLOPs).
     """
@@ -94,9 +97,14 @@ class QueryStats:
     batch_sizes: list[list[int]] = field(default_factory=list)
     work: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def mean_layers(self) -> float:
+        seen = [layers for layers in self.layers_used if layers]
+        return sum(seen) / len(seen) if seen else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {"latency_ms": round(self.latency_ms, 3), "config": self.config, "layers_used": self.layers_used,
-                "mean_layers": round(sum(self.layers_used) / len(self.layers_used), 3) if self.layers_used else 0.0,
+                "mean_layers": round(self.mean_layers, 3),
                 "scored": self.scored, "deadline_hit": self.deadline_hit, "budget_ms": self.budget_ms,
                 "predicted_ms": None if self.predicted_ms is None else round(self.predicted_ms, 3),
                 "tokenize_ms": round(self.tokenize_ms, 3), "batch_sizes": self.batch_sizes,
@@ -202,7 +210,7 @@ class _Batch:
 # ---------------------------------------------------------------------------------------------
 # The model in the right dtype, shared by every Reranker on it
 
-_CONVERTED: "weakref.WeakKeyDictionary[Any, dict[torch.dtype, Any]]" = weakref.WeakKeyDictionary()
+_CONVERTED: "weakref.WeakKeyDictionary[Any, dict[torch.dtype, tuple[tuple, Any]]]" = weakref.WeakKeyDictionary()
 _CONVERTED_LOCK = threading.Lock()
 _TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 
@@ -223,16 +231,25 @@ def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
 
 
 def inference_copy(model, dtype: torch.dtype):
-    """``model`` in eval mode and ``dtype``: the model itself when it already is, else one converted copy
-    per (model, dtype), shared by every Reranker (the caller's model is never changed)."""
+    """``model`` in eval mode and ``dtype``: the model itself when it already is, else a converted copy of its
+    current weights, shared by the Rerankers made on the model until its weights change (the caller's model
+    is never changed)."""
     parameter = next(model.parameters())
     if parameter.dtype == dtype and not model.training:
         return model
+    signature = _weights_signature(model)
     with _CONVERTED_LOCK:
         copies = _CONVERTED.setdefault(model, {})
-        if dtype not in copies:
-            copies[dtype] = model.clone().to(dtype=dtype).eval()
-        return copies[dtype]
+        if dtype not in copies or copies[dtype][0] != signature:
+            copies[dtype] = (signature, model.clone().to(dtype=dtype).eval())
+        return copies[dtype][1]
+
+
+def _weights_signature(model) -> tuple:
+    # Each tensor's version counter moves with every in-place change (an optimizer step, load_state_dict); a
+    # replaced module (new exit heads) brings new tensors.
+    return tuple((id(tensor), tensor.data_ptr(), tensor._version)
+                 for tensor in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _tokenizer_lock(tokenizer) -> threading.Lock:
@@ -293,7 +310,10 @@ class Reranker:
         if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > limit:
             max_length = limit   # a pair cannot be longer than the position embeddings
         self.source_model = model
-        self.dtype = resolve_dtype(dtype, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            raise InputError(f"the Reranker runs on the CPU and the model is on {device}: move it (model.to('cpu'))")
+        self.dtype = resolve_dtype(dtype, device)
         self.model = inference_copy(model, self.dtype)
         self.calibration = model.metadata.get("calibration")
         self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits), keep, prune_depth)
@@ -351,12 +371,13 @@ class Reranker:
                texts: Mapping[str, str] | Sequence[str], budget_ms: float | None = None,
                top_k: int | None = None) -> RerankResult:
         """New scores for ``candidates`` (docid → first-stage score, or docids in first-stage order).
-        ``texts``: docid → passage, or passages aligned with the first-stage order (``trec_order``).
+        ``texts``: docid → passage, or passages in the order of ``candidates`` as given (``zip(candidates,
+        texts)``; the first-stage order is ``trec_order``'s, which may differ on tied scores).
         ``budget_ms``: None runs the fixed configuration; a number lets the controller choose (within
         ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the
         cut early exits protect (default 10)."""
         started = time.perf_counter()
-        docids = _first_stage_order(candidates)
+        docids, texts = _first_stage_order(candidates), _by_docid(candidates, texts)
         config, predicted = self.config, None
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
@@ -375,6 +396,8 @@ class Reranker:
         """The profile's best configuration whose predicted p95, times ``load`` (default: the load measured on
         recent calls), fits ``(1 - headroom) × budget_ms`` (default: this reranker's headroom), within this
         reranker's ``candidates`` and ``max_length``. Needs a profile (``controller``)."""
+        if self.controller is None:
+            raise InputError("the model has no profile to choose from: run rankshrink profile")
         headroom = self.headroom if headroom is None else headroom
         return self.controller.choose(budget_ms * (1 - headroom), candidates, self._load if load is None else load,
                                       max_candidates=self.config.candidates, max_length=self.config.max_length)
@@ -385,7 +408,9 @@ class Reranker:
         """``rerank`` at an explicit configuration (what the profile and the benchmarks time), with an
         optional deadline in milliseconds from now."""
         started = time.perf_counter()
-        return self._run(started, query, _first_stage_order(candidates), texts, config, top_k, deadline_ms, None)
+        config = capped(config, None, self.model.config.max_position_embeddings)   # as the constructor cuts it
+        return self._run(started, query, _first_stage_order(candidates), _by_docid(candidates, texts), config,
+                         top_k, deadline_ms, None)
 
     def warm_up(self, query: str | None = None, passages: Sequence[str] | Mapping[str, str] | None = None,
                 rounds: int = 2, *, fixed: bool = True) -> float:
@@ -422,6 +447,8 @@ class Reranker:
     def _run(self, started: float, query: str, docids: list[str], texts: Mapping[str, str] | Sequence[str],
              config: RerankConfig, top_k: int | None, budget_ms: float | None, predicted: float | None,
              observe: bool = True) -> RerankResult:
+        if not isinstance(query, str):
+            raise InputError(f"the query must be a string, got {type(query).__name__}")
         top_k = DEFAULT_TOP_K if top_k is None else _check_top_k(top_k)
         deadline = None
         if budget_ms is not None:
@@ -801,6 +828,9 @@ def _token_types(group: Sequence[int], types: Sequence[Sequence[int]], lengths: 
 
 def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[str]:
     if isinstance(candidates, Mapping):
+        for docid, score in candidates.items():
+            if not isinstance(score, numbers.Real) or not math.isfinite(score):
+                raise InputError(f"the first-stage score of candidate {docid!r} is {score!r}, expected a finite number")
         return [docid for docid, _ in trec_order(candidates)]
     if isinstance(candidates, (str, bytes)):
         raise InputError("candidates must be a mapping docid → first-stage score or a list of docids, got a string")
@@ -811,6 +841,19 @@ def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[
         raise InputError(f"duplicate docid(s) among the candidates: {', '.join(map(repr, duplicates[:5]))}"
                          + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""))
     return docids
+
+
+def _by_docid(candidates: Mapping[str, float] | Sequence[str],
+              texts: Mapping[str, str] | Sequence[str]) -> Mapping[str, str] | Sequence[str]:
+    """A list of ``texts`` for a mapping of ``candidates`` as docid → text, in the mapping's own order (which
+    may differ from the first-stage order on tied scores); anything else as it is."""
+    if not isinstance(candidates, Mapping) or isinstance(texts, (Mapping, str, bytes)):
+        return texts
+    texts = list(texts)
+    if len(texts) != len(candidates):
+        raise InputError(f"{len(texts)} texts for {len(candidates)} candidates; expected one text per candidate, "
+                         f"in the candidates' order")
+    return dict(zip(candidates, texts))
 
 
 def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] | Sequence[str]) -> list[str]:
@@ -826,7 +869,7 @@ def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] 
         texts = list(texts)
         if len(texts) != len(docids):
             raise InputError(f"{len(texts)} texts for {len(docids)} candidates; expected one text per candidate, "
-                             f"in first-stage order")
+                             f"in the candidates' order")
         chosen = texts[:len(reranked)]
     for docid, text in zip(reranked, chosen):
         if not isinstance(text, str):
@@ -845,12 +888,12 @@ def _read_texts(collection: Any, docids: list[str]) -> list[str]:
 
 
 def _check_budget(budget_ms: Any) -> float:
-    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not 0 <= budget_ms < math.inf:
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, numbers.Real) or not 0 <= budget_ms < math.inf:
         raise InputError(f"budget_ms must be a number of milliseconds >= 0 (or None), got {budget_ms!r}")
     return float(budget_ms)
 
 
 def _check_top_k(top_k: Any) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
         raise InputError(f"top_k must be a positive integer, got {top_k!r}")
-    return top_k
+    return int(top_k)

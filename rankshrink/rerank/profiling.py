@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..data import Qrels, Run, Topics, atomic_write, trec_order
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from .budget import CostModel, FrontierPoint, RerankConfig, nested_ladder, pareto_frontier
 from .calibration import DEFAULT_TOP_K, LEVELS, calibrate_margins, leaving
 from .engine import (BATCH_TOKENS, MAX_PADDING, Reranker, Trace, assemble, batch_length, cascade_values,
@@ -197,6 +197,9 @@ def profile(model, run: Run, topics: Topics, collection: Any, qrels: Qrels | Non
     will do. ``queries``: profile on this many dev queries (default: all judged ones, or all); ``time_queries``:
     how many of them time each frontier and ladder configuration for real. Returns a ``ProfileResult``;
     ``save_profile`` stores it with the model."""
+    for name, value in (("queries", queries), ("top_k", top_k), ("threads", threads), ("batch_tokens", batch_tokens)):
+        check_integer(name, value)
+    check_integer("time_queries", time_queries, least=0)
     widths = sorted(set(float(w) for w in (widths or model.config.widths)))
     depths = sorted(set(float(d) for d in (depths or model.config.depths)))
     max_lengths = sorted(set(int(n) for n in max_lengths))
