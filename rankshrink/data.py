@@ -4,8 +4,8 @@
     Qrels  = dict[qid, dict[docid, grade]]
     Topics = dict[qid, query text]
 
-Sources are files (TREC runs and qrels, TSV or TREC topic files, JSONL or TSV collections, optionally
-gzipped) or ir_datasets ids such as ``msmarco-passage/trec-dl-2019/judged``.
+Sources are files (TREC runs, qrels and topic files, optionally gzipped; TSV or JSONL collections, plain:
+passages are looked up by byte offset) or ir_datasets ids such as ``msmarco-passage/trec-dl-2019/judged``.
 
 >>> run = read_run("../shared/trec-dl/dl19/runs/bm25.top100.trec")
 >>> write_run(run, "runs/bm25.trec", tag="bm25")   # atomic: a temp file, then a rename
@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import InputError
+from .errors import InputError, check_integer
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
@@ -72,9 +73,10 @@ _UMASK = _read_umask()
 
 
 def _open_text(path: Path) -> IO[str]:
+    # utf-8-sig: a byte-order mark (Excel, PowerShell) must not become part of the first qid
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def _existing_file(source: str | Path, what: str) -> Path | None:
@@ -164,6 +166,15 @@ def read_run(path: str | Path) -> Run:
     return run
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
+def check_output_file(path: str | Path | None) -> None:
+    """Refuse, before any work, an output path that a file cannot be written to (None: no output)."""
+    if path is not None and Path(path).is_dir():
+        raise InputError(f"{path}: is a directory; give the path of a file to write")
+
+
 def check_tag(tag: str) -> str:
     """A TREC run tag: one word (the last column)."""
     if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
@@ -175,10 +186,13 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str
               k: int | None = None) -> None:
     """Write a TREC run atomically, each query in trec_eval order, optionally cut to its top ``k``."""
     check_tag(tag)
+    check_integer("k", k)
     with atomic_write(path) as out:
         for qid in run:
             ranked = trec_order(run[qid])
             for rank, (docid, score) in enumerate(ranked[:k] if k else ranked, start=1):
+                if _WHITESPACE.search(docid) or _WHITESPACE.search(qid):   # the columns are whitespace-separated
+                    raise InputError(f"{path}: qid {qid!r}, docid {docid!r}: a TREC run's ids cannot hold whitespace")
                 out.write(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n")
 
 
@@ -245,7 +259,7 @@ def read_topics(source: str | Path) -> Topics:
     stripped = text.lstrip()
     if not stripped:
         raise InputError(f"{path}: empty topics file (expected lines 'qid<TAB>query')")
-    if stripped.startswith("<top>"):
+    if stripped.startswith(("<top>", "<num>")):
         topics = _parse_trec_topics(text, path)
     elif stripped.startswith("{"):
         topics = _parse_jsonl_topics(text, path)
@@ -287,24 +301,30 @@ def _parse_jsonl_topics(text: str, path: Path) -> Topics:
     return topics
 
 
+_TREC_TOPIC = re.compile(r"<num>\s*(?:Number:)?\s*(?P<qid>[^<\s]+)\s*(?:</num>)?(?:(?!<num>).)*?"
+                         r"(?P<tag><title>)\s*(?:Topic:)?(?P<title>[^<]*)", re.S)
+
+
 def _parse_trec_topics(text: str, path: Path) -> Topics:
-    """TREC topic files: ``<num> Number: 301`` then ``<title> query`` (the title is the query)."""
+    """TREC topic files: ``<num> Number: 301`` then ``<title> query`` (the title is the query; closing tags
+    and both on one line are fine)."""
     topics: Topics = {}
-    qid = None
-    title_lines: list[str] | None = None
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        tag = line.strip()
-        if tag.startswith("<num>"):
-            qid = tag[len("<num>"):].replace("Number:", "").strip()
-        elif tag.startswith("<title>"):
-            title_lines = [tag[len("<title>"):].replace("Topic:", "").strip()]
-        elif tag.startswith("<") and title_lines is not None:
-            if qid is None:
-                raise InputError.at(path, line_number, "topic has a <title> but no <num>", line)
-            _add_topic(topics, qid, " ".join(part for part in title_lines if part), path, line_number, line)
-            qid, title_lines = None, None
-        elif title_lines is not None:
-            title_lines.append(tag)
+    lines = text.splitlines()
+
+    def fail(position: int, problem: str) -> InputError:
+        number = text.count("\n", 0, position) + 1
+        return InputError.at(path, number, problem, lines[number - 1])
+
+    matches = list(_TREC_TOPIC.finditer(text))
+    for match in matches:
+        number = text.count("\n", 0, match.start()) + 1
+        _add_topic(topics, match["qid"], " ".join(match["title"].split()), path, number, lines[number - 1])
+    numbered, titled = {m.start() for m in matches}, {m.start("tag") for m in matches}
+    for tag, used, problem in (("<num>", numbered, "topic has a <num> but no <title>"),
+                               ("<title>", titled, "topic has a <title> but no <num>")):
+        stray = next((m.start() for m in re.finditer(tag, text) if m.start() not in used), None)
+        if stray is not None:
+            raise fail(stray, problem)
     if not topics:
         raise InputError(f"{path}: no '<num>' / '<title>' topics found")
     return topics
@@ -427,6 +447,7 @@ class Collection:
         return offsets
 
     def _parse_docid(self, raw: bytes, line_number: int) -> str:
+        raw = _without_bom(raw, line_number)
         if self._format == "tsv":
             docid = raw.split(b"\t", 1)[0].strip().decode("utf-8", "replace")
             if not docid or b"\t" not in raw:
@@ -435,7 +456,7 @@ class Collection:
         return self._parse(raw, line_number).docid
 
     def _parse(self, raw: bytes, line_number: int) -> Passage:
-        line = self._decode(raw, line_number)
+        line = self._decode(_without_bom(raw, line_number), line_number)
         if self._format == "tsv":
             docid, tab, text = line.rstrip("\r\n").partition("\t")
             if not tab or not docid.strip():
@@ -467,6 +488,10 @@ class Collection:
                 warnings.warn(f"{self._path}:{line_number}: invalid UTF-8, replaced by U+FFFD "
                               "(reported once per collection)", stacklevel=3)
             return raw.decode("utf-8", errors="replace")
+
+
+def _without_bom(raw: bytes, line_number: int) -> bytes:
+    return raw.removeprefix(b"\xef\xbb\xbf") if line_number == 1 else raw
 
 
 def _irds_doc_text(doc) -> str:

@@ -96,12 +96,13 @@ class Evaluation:
         lines.insert(1, "  ".join("-" * width for width in widths))
         if self.baseline:
             lines.append(f"▲/▼: significantly better/worse than {self.baseline} "
-                         f"({_STAT_TEST_NAMES[self.stat_test]}, paired, p < {self.alpha})")
+                         f"({_STAT_TEST_NAMES[self.stat_test]}, p < {self.alpha})")
         return "\n".join(lines)
 
 
-_STAT_TEST_NAMES = {"student": "Student's t-test", "fisher": "Fisher's randomization test",
+_STAT_TEST_NAMES = {"student": "Student's t-test, paired", "fisher": "Fisher's randomization test, paired",
                     "tukey": "Tukey's HSD test"}
+_NO_DOCUMENT = "\x00no document"
 
 
 def trec_eval_ordered(run: Mapping[str, Mapping[str, float]]) -> Run:
@@ -117,8 +118,8 @@ def trec_eval_ordered(run: Mapping[str, Mapping[str, float]]) -> Run:
 def evaluate(qrels: Qrels, runs: Mapping[str, Run], metrics: Sequence[str] = DEFAULT_METRICS, *,
              rel_level: int = 1, baseline: str | None = None, stat_test: StatTest = "student",
              alpha: float = 0.05) -> Evaluation:
-    """Evaluate each run; with ``baseline`` (a key of ``runs``), add a paired significance test of every
-    other run against it, per metric."""
+    """Evaluate each run; with ``baseline`` (a key of ``runs``), add a significance test of every other run
+    against it, per metric (``stat_test``: Student's t or Fisher's randomization, paired; or Tukey's HSD)."""
     if not runs:
         raise InputError("no runs to evaluate")
     if baseline is not None and baseline not in runs:
@@ -142,7 +143,11 @@ def _evaluate(qrels, runs, metrics, rel_level, baseline, stat_test, alpha) -> Ev
         judged = set(qrels)
         coverage[name] = Coverage(unjudged_run_queries=len(set(run) - judged),
                                   missing_judged_queries=len(judged - set(run)), judged_queries=len(judged))
-        ranx_run = ranx.Run(trec_eval_ordered(run), name=name)
+        ordered = trec_eval_ordered(run)
+        if not any(ordered.values()) and qrels:
+            # ranx cannot hold a run without a document; one unjudged document scores what no document does: 0
+            ordered = {next(iter(qrels)): {_NO_DOCUMENT: 1.0}}
+        ranx_run = ranx.Run(ordered, name=name)
         ranx_run.make_comparable(ranx_qrels)  # drops unjudged queries, adds judged ones empty (trec_eval -c)
         ranx.evaluate(ranx_qrels, ranx_run, list(ranx_names.values()))
         ranx_runs[name] = ranx_run

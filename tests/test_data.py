@@ -32,6 +32,20 @@ def test_write_run_cuts_to_k(tmp_path):
     assert [line.split()[2] for line in path.read_text().splitlines()] == ["d9", "d8", "d7"]
     assert top_k({"q": {"a": 1.0, "b": 3.0, "c": 2.0}}, 2) == {"q": {"b": 3.0, "c": 2.0}}
     assert trec_order({"a": 1.0, "b": 1.0}) == [("b", 1.0), ("a", 1.0)]
+    with pytest.raises(InputError, match="k must be an integer >= 1, got 0"):
+        write_run({"q": {"a": 1.0}}, path, k=0)
+    with pytest.raises(InputError, match="docid 'doc a': a TREC run's ids cannot hold whitespace"):
+        write_run({"q": {"doc a": 1.0}}, path)
+    assert read_run(path) == {"q": {"d9": 9.0, "d8": 8.0, "d7": 7.0}}      # the file before either
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    bom = "\ufeff"
+    assert read_topics(write(tmp_path / "t.tsv", bom + "1\tcat\n")) == {"1": "cat"}
+    assert list(read_qrels(write(tmp_path / "q.txt", bom + "1 0 d1 2\n"))) == ["1"]
+    assert list(read_run(write(tmp_path / "r.trec", bom + "1 Q0 d1 1 2.0 t\n"))) == ["1"]
+    assert Collection(write(tmp_path / "c.tsv", bom + "d1\tone\nd2\ttwo\n"))["d1"] == "one"
+    assert Collection(write(tmp_path / "c.jsonl", bom + '{"id": "d1", "contents": "one"}\n'))["d1"] == "one"
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -85,6 +99,11 @@ Identify organizations.
 </top>
 """)
     assert read_topics(trec) == {"301": "international organized crime", "302": "poliomyelitis"}
+    closed = write(tmp_path / "c.txt", "<top>\n<num> Number: 302 </num>\n<title> Post-Polio </title>\n</top>\n"
+                                       "<top><num>303</num><title>Hubble</title></top>\n")
+    assert read_topics(closed) == {"302": "Post-Polio", "303": "Hubble"}
+    with pytest.raises(InputError, match=r"u\.txt:3: topic has a <num> but no <title>"):
+        read_topics(write(tmp_path / "u.txt", "<num> 1\n<title> a\n<num> 2\n<desc> b\n"))
     jsonl = write(tmp_path / "t.jsonl", json.dumps({"qid": 7, "query": "q seven"}) + "\n")
     assert read_topics(jsonl) == {"7": "q seven"}
 

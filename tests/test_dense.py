@@ -85,6 +85,16 @@ def test_bf16_build_records_its_dtype_and_stays_close_to_fp32(tmp_path, tiny_enc
     assert np.min(np.sum(a * b, axis=1)) > 0.98  # cosine of each passage's two embeddings
 
 
+def test_passages_with_empty_text_are_not_encoded_as_bm25_does_not_index_them(tmp_path, tiny_encoder):
+    from test_dense_fixtures import write_jsonl
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", [{"id": "a", "contents": "a cat"}, {"id": "e", "contents": "  "},
+                                                 {"id": "b", "contents": "a dog"}])
+    with pytest.warns(UserWarning, match=r"1 passage\(s\) with empty text were not encoded"):
+        build_dense_index(pool, tmp_path / "index", tiny_encoder, dtype="fp32", device="cpu", progress=False)
+    assert DenseSearcher(tmp_path / "index", device="cpu").docids == ["a", "b"]
+
+
 def test_interrupted_build_resumes_from_its_shards_and_equals_an_uninterrupted_one(tmp_path, tiny_encoder,
                                                                                   small_pool, small_dense_index):
     from rankshrink.data import Collection

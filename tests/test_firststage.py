@@ -253,6 +253,11 @@ def test_existing_index_needs_overwrite_and_is_replaced_whole(tmp_path, capsys):
     assert BM25(index).num_docs == 2 and BM25(index).search("apples", k=3) == {}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "one.tsv", "two.tsv"]
     assert oct(index.stat().st_mode & 0o777) != "0o700"
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    assert main(["index", "--collection", str(second), "--index", str(notes), "--quiet", "--overwrite"]) == 2
+    assert "not an index" in capsys.readouterr().err and (notes / "keep.txt").read_text() == "mine"
 
 
 def test_interrupted_build_leaves_nothing_that_looks_like_an_index(tmp_path):

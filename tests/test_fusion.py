@@ -51,6 +51,11 @@ def test_sum_is_min_max_normalised_then_weighted():
     assert list(fused) == ["z", "x", "y", "w"]
 
 
+def test_sum_counts_a_lone_or_all_tied_list_as_its_runs_best():
+    fused = fuse([{"q": {"x": 5.0}}, {"q": {"x": 1.0, "y": 1.0}}], "sum")
+    assert fused == {"q": {"x": 2.0, "y": 1.0}}
+
+
 @pytest.mark.parametrize("method", ["rrf", "sum"])
 def test_a_zero_weight_leaves_the_other_runs_order_first(method):
     a = {"q": {"a1": 3.0, "a2": 2.0, "a3": 1.0}}

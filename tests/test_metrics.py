@@ -53,6 +53,15 @@ def test_coverage_counts_missing_judged_queries_as_zero():
     assert "1 run queries have no judgments" in coverage.message("r")
 
 
+@pytest.mark.parametrize("run", [{"q1": {}}, {}, {"elsewhere": {"z": 1.0}}])
+def test_a_run_without_a_document_for_any_judged_query_scores_zero(run):
+    qrels = {"q1": {"a": 1}, "q2": {"b": 2}}
+    result = evaluate(qrels, {"r": run, "b": {"q1": {"a": 1.0}}}, ["ndcg@10", "map", "recall@100", "mrr@10"],
+                      baseline="b")
+    assert result.scores["r"] == {"ndcg@10": 0.0, "map": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+    assert result.per_query["r"]["ndcg@10"] == {"q1": 0.0, "q2": 0.0}
+
+
 def test_equals_pytrec_eval_on_all_dl19_runs(dl19):
     pytrec_eval = pytest.importorskip("pytrec_eval")
     qrels = read_qrels(dl19 / "qrels.txt")

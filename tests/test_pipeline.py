@@ -45,6 +45,24 @@ def test_search_without_a_model_returns_the_first_stage_hits(tiny_world):
     assert [(h.docid, h.score) for h in hits] == list(BM25(tiny_world.index).search(TOPICS["q1"], k=3).items())
 
 
+def test_a_first_stage_with_tied_scores_in_its_own_order_reranks_each_passage_with_its_text(pipeline, tiny_world):
+    docids = sorted(tiny_world.passages)[:6]
+
+    class TiedFirstStage:       # a filter-like retriever: every hit scores 1.0, in its own (not trec_eval's) order
+        def search(self, query, k=1000):
+            return dict.fromkeys(docids[:k], 1.0)
+
+        def texts(self, wanted):
+            return [tiny_world.passages[docid] for docid in wanted]
+
+    tied = Pipeline(index=TiedFirstStage(), model=pipeline.reranker.model, candidates=6, max_length=64,
+                    dtype="fp32", exits=False)
+    hits = tied.search(TOPICS["q0"], k=6)
+    expected = dict(zip(docids, model_scores(pipeline, TOPICS["q0"], [tiny_world.passages[d] for d in docids])))
+    assert {hit.docid: hit.score for hit in hits} == pytest.approx(expected, abs=1e-5)
+    assert all(hit.text == tiny_world.passages[hit.docid] for hit in hits)
+
+
 def test_texts_come_from_the_index_when_no_collection_is_given(tiny_world, pipeline):
     from_index = Pipeline(index=tiny_world.index, model=pipeline.reranker.model, candidates=20, max_length=64,
                           dtype="fp32", exits=False)

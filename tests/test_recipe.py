@@ -152,7 +152,10 @@ def test_budget_rows_profile_a_model_that_has_no_profile_on_the_recipes_dev_data
     ({"eval": {"metrics": ["ndcg"]}}, "eval.metrics: metric 'ndcg' needs a cutoff"),
     ({"rerank": {"candidates": "many"}}, "rerank.candidates must be an integer, got 'many'"),
     ({"rerank": {"configs": [{"width": 2.0}]}}, r"rerank.configs\[1\]: width must be in \(0, 1\], got 2.0"),
-    ({"rerank": {"configs": [{"width": 1.0}, {"width": 1.0}]}}, "rerank rows named twice: w1-d1-L64"),
+    ({"rerank": {"configs": [{"width": 1.0}, {"width": 1.0}]}}, r"rows named twice \(.*\): w1-d1-L64"),
+    ({"rerank": {"configs": [{"name": "bm25"}]}}, r"rows named twice \(rerank rows and the first stage's "
+                                                   r"search.name\): bm25"),
+    ({"search": {"topics": "t.tsv", "k": 0}}, "search.k must be a positive integer, got 0"),
     ({"rerank": {"configs": [{"keep": 0}]}}, r"rerank.configs\[1\]: keep must be a positive integer, got 0"),
     ({"rerank": {"configs": [{"prune_depth": 0.75}]}},
      r"rerank.configs\[1\]: prune_depth 0.75 is the depth of a cascade's first pass: give keep too"),
@@ -171,6 +174,22 @@ def test_a_bad_recipe_is_one_error_naming_the_file_and_key(tiny_world, tmp_path,
     with pytest.raises(InputError, match=message) as error:
         read_recipe(path)
     assert str(path) in str(error.value)
+
+
+def test_a_given_first_stage_run_is_cut_to_search_k(tiny_world, tmp_path):
+    from rankshrink.data import read_run, read_topics
+
+    given = tmp_path / "given.trec"
+    given.write_text("".join(f"{qid} Q0 {docid} {rank} {10 - rank} x\n" for qid in read_topics(tiny_world.topics_file)
+                             for rank, docid in enumerate(sorted(tiny_world.passages)[:5], start=1)))
+    path = tiny_recipe(tiny_world, tmp_path, index=None, rerank=None,
+                       search={"first_stage": None, "run": str(given), "k": 2})
+    raw = yaml.safe_load(path.read_text())
+    del raw["search"]["first_stage"]
+    path.write_text(yaml.safe_dump(raw))
+    run_recipe(read_recipe(path), progress=False, log=lambda m: None)
+    written = read_run(tmp_path / "runs" / "given.trec")
+    assert written and all(list(docs) == sorted(tiny_world.passages)[:2] for docs in written.values())
 
 
 def test_invalid_yaml_names_the_line(tmp_path, capsys):

@@ -152,6 +152,7 @@ def test_a_run_query_without_topic_is_a_one_line_error(files, tmp_path, capsys):
 
 @pytest.mark.parametrize("command, extra, message", [
     ("rerank", ["--tag", "my run"], "run tag must be one word without spaces, got 'my run'"),
+    ("rerank", ["--stats", "."], ".: is a directory; give the path of a file to write"),
     ("bench", ["--queries", "0"], "queries must be an integer >= 1, got 0"),
     ("bench", ["--peer-threads", "0"], "peer_threads must be an integer >= 1, got 0"),
     ("profile", ["--queries", "0"], "queries must be an integer >= 1, got 0"),

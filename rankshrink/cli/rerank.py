@@ -77,11 +77,13 @@ def open_reranker(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import atomic_write, check_tag, open_collection, read_run, read_topics, write_run
+    from ..data import atomic_write, check_output_file, check_tag, open_collection, read_run, read_topics, write_run
 
     if args.budget_ms is not None and not args.budget_ms >= 0:
         raise InputError(f"--budget-ms must be >= 0, got {args.budget_ms}")
     check_tag(args.tag)     # before the work, not after it
+    check_output_file(args.output)
+    check_output_file(args.stats)
     first_stage = read_run(args.run)
     topics = read_topics(args.topics)
     collection = open_collection(args.collection)

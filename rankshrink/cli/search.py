@@ -76,8 +76,9 @@ def searcher(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import check_tag, read_topics, write_run
+    from ..data import check_output_file, check_tag, read_topics, write_run
 
+    check_output_file(args.output)
     topics = read_topics(args.topics)
     first_stage, tag = searcher(args)
     check_tag(tag)

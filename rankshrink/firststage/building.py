@@ -15,8 +15,12 @@ from ..errors import InputError
 def check_writable_index_dir(index_dir: Path, overwrite: bool) -> None:
     if index_dir.exists() and not index_dir.is_dir():
         raise InputError(f"{index_dir}: exists and is not a directory")
-    if index_dir.is_dir() and any(index_dir.iterdir()) and not overwrite:
-        raise InputError(f"{index_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
+    if index_dir.is_dir() and any(index_dir.iterdir()):
+        if not overwrite:
+            raise InputError(f"{index_dir}: already exists; pass --overwrite (overwrite=True) to replace it")
+        if not (any(index_dir.glob("segments_*")) or (index_dir / "dense.json").exists()):
+            raise InputError(f"{index_dir}: not an index (no Lucene segments, no dense.json); refusing to replace "
+                             f"a directory that may hold other files")
     index_dir.parent.mkdir(parents=True, exist_ok=True)
 
 

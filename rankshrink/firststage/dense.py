@@ -279,18 +279,27 @@ class _Shards:
 
 def _encode_shards(model, passages: Collection, shards: _Shards, batch_size: int, normalize: bool,
                    progress: bool) -> int:
-    """Encode every shard not already on disk; returns the number of passages encoded now."""
+    """Encode every shard not already on disk; returns the number of passages encoded now. Passages with empty
+    text are skipped, with a warning, as the BM25 index skips them."""
     from tqdm import tqdm
 
     shard_size = shards.settings["shard_size"]
     done = len(shards.done)
     seen: set[str] = set()
-    encoded = 0
+    encoded = empty = 0
+
+    def with_text() -> Iterator:
+        nonlocal empty
+        for passage in passages:
+            if passage.text.strip():
+                yield passage
+            else:
+                empty += 1
     with tqdm(total=count_hint(passages), unit=" passages", desc="encoding", disable=not progress,
               dynamic_ncols=True) as bar:
         if done:
             bar.set_description(f"encoding (resuming after {done} shards)")
-        for number, shard in enumerate(batches(passages, shard_size)):
+        for number, shard in enumerate(batches(with_text(), shard_size)):
             docids = [passage.docid for passage in shard]
             for docid in docids:
                 if docid in seen:
@@ -309,6 +318,9 @@ def _encode_shards(model, passages: Collection, shards: _Shards, batch_size: int
                 bar.update(len(chunk))
             shards.save(number, docids, np.concatenate(vectors))
             encoded += len(shard)
+    if empty:
+        warnings.warn(f"{passages.source}: {empty} passage(s) with empty text were not encoded (as BM25 skips "
+                      f"them)", stacklevel=3)
     return encoded
 
 

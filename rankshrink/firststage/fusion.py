@@ -73,7 +73,13 @@ def _ranx_fuse_quietly(runs: list[Run], method: FusionMethod, weights: list[floa
                    for qid, docs in run.items()} for run in runs]
         parts = [rrf([_ranx_run(run, RanxRun)], k=rrf_k) for run in ranked]
     else:
-        parts = [min_max_norm(_ranx_run(run, RanxRun)) for run in runs]
+        parts = []
+        for run in runs:
+            normalised = min_max_norm(_ranx_run(run, RanxRun)).to_dict()
+            for qid, docs in run.items():
+                if docs and len(set(docs.values())) == 1:   # ranx maps a lone or all-tied list to 0, not to its best
+                    normalised[qid] = dict.fromkeys(docs, 1.0)
+            parts.append(_ranx_run(normalised, RanxRun))
     fused = wsum(parts, weights=weights).to_dict()
     for docs in fused.values():
         docs.pop("", None)

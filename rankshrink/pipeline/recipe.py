@@ -72,7 +72,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..data import Run, Topics, atomic_write, open_collection, read_qrels, read_run, read_topics, write_run
+from ..data import (Run, Topics, atomic_write, open_collection, read_qrels, read_run, read_topics, trec_order,
+                    write_run)
 from ..errors import InputError
 from ..rerank.budget import RerankConfig
 
@@ -140,6 +141,8 @@ def read_recipe(path: str | Path) -> Recipe:
     index = _index_section(raw.get("index"), path)
     search = _check_keys(dict(raw["search"]), _SEARCH_KEYS, path, "search.")
     _require(search, "topics", path, "search.")
+    if "k" in search and search["k"] < 1:
+        raise InputError(f"{path}: search.k must be a positive integer, got {search['k']}")
     if "run" not in search:
         search.setdefault("first_stage", "bm25")
         if search["first_stage"] not in ("bm25", "dense", "hybrid"):
@@ -157,7 +160,7 @@ def read_recipe(path: str | Path) -> Recipe:
     if isinstance(rerank_raw, dict) and "model" not in rerank_raw and isinstance(trained, dict) \
             and isinstance(trained.get("output"), str):
         rerank_raw = {**rerank_raw, "model": trained["output"]}     # the model the train: section makes
-    rerank = _rerank_section(rerank_raw, path)
+    rerank = _rerank_section(rerank_raw, path, search["name"])
     evaluation = _check_keys(dict(raw["eval"]), _EVAL_KEYS, path, "eval.")
     _require(evaluation, "qrels", path, "eval.")
     evaluation.setdefault("metrics", ["ndcg@10", "mrr@10", "map", "recall@100"])
@@ -204,7 +207,7 @@ def _index_section(section: dict | None, path: Path) -> dict | None:
     return section
 
 
-def _rerank_section(section: dict | None, path: Path) -> dict | None:
+def _rerank_section(section: dict | None, path: Path, first_stage: str) -> dict | None:
     if section is None:
         return None
     section = _check_keys(dict(section), _RERANK_KEYS, path, "rerank.")
@@ -231,10 +234,11 @@ def _rerank_section(section: dict | None, path: Path) -> dict | None:
     for budget in section["budgets_ms"]:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
             raise InputError(f"{path}: rerank.budgets_ms must be numbers of milliseconds >= 0, got {budget!r}")
-    names = [config["name"] for config in configs] + [budget_row_name(b) for b in section["budgets_ms"]]
+    names = [first_stage] + [config["name"] for config in configs] + [budget_row_name(b) for b in section["budgets_ms"]]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise InputError(f"{path}: rerank rows named twice: {', '.join(duplicates)}")
+        raise InputError(f"{path}: rows named twice (rerank rows and the first stage's search.name): "
+                         f"{', '.join(duplicates)}")
     return section
 
 
@@ -450,7 +454,8 @@ def _first_stage_run(recipe: Recipe, topics: Topics, log) -> tuple[Run, dict[str
     depth = search.get("k") or (recipe.rerank["candidates"] if recipe.rerank else 1000)
     if "run" in search:
         run = read_run(search["run"])
-        kept = {qid: run[qid] for qid in topics if qid in run}
+        kept = {qid: dict(trec_order(run[qid])[:search["k"]]) if "k" in search else run[qid]
+                for qid in topics if qid in run}
         missing = [qid for qid in topics if qid not in run]
         if missing:
             log(f"{search['run']}: no candidates for {len(missing)} of {len(topics)} topics ({', '.join(missing[:5])})")
