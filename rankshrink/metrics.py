@@ -136,6 +136,9 @@ def _evaluate(qrels, runs, metrics, rel_level, baseline, stat_test, alpha) -> Ev
 
     metrics = list(dict.fromkeys(m.lower() for m in metrics))
     ranx_names = {metric: ranx_metric_name(metric, rel_level) for metric in metrics}
+    qrels = {qid: grades for qid, grades in qrels.items() if grades}   # as trec_eval: a query without judgments
+    if not qrels:
+        raise InputError("the qrels judge no document of any query")
     ranx_qrels = ranx.Qrels({qid: dict(grades) for qid, grades in qrels.items()})
 
     ranx_runs, coverage = {}, {}

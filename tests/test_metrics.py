@@ -62,6 +62,13 @@ def test_a_run_without_a_document_for_any_judged_query_scores_zero(run):
     assert result.per_query["r"]["ndcg@10"] == {"q1": 0.0, "q2": 0.0}
 
 
+def test_a_query_without_judgments_is_not_evaluated_as_trec_eval_does_not():
+    result = evaluate({"q1": {}, "q2": {"a": 1}}, {"r": {"q1": {"b": 1.0}, "q2": {"a": 1.0}}}, ["mrr@10"])
+    assert result.scores["r"]["mrr@10"] == 1.0 and result.coverage["r"].judged_queries == 1
+    with pytest.raises(InputError, match="the qrels judge no document"):
+        evaluate({"q1": {}}, {"r": {"q1": {"b": 1.0}}})
+
+
 def test_equals_pytrec_eval_on_all_dl19_runs(dl19):
     pytrec_eval = pytest.importorskip("pytrec_eval")
     qrels = read_qrels(dl19 / "qrels.txt")

@@ -234,7 +234,7 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     topics, collection = read_topics(tiny_data["dir"] / "topics.tsv"), Collection(tiny_data["dir"] / "passages.jsonl")
     groups = build_groups(topics, [read_run(tiny_data["runs"]["bm25"])], collection, source="tiny")
     teacher = teacher_from_spec({"sparse-encoder": str(path), "max_length": 64})
-    assert teacher.identity()["kind"] == "sparse-encoder" and "weights_sha256" in teacher.identity()
+    assert teacher.identity()["kind"] == "sparse-encoder" and "files_sha256" in teacher.identity()
     scores = teacher.score(groups)
     model = SparseEncoder(str(path), device="cpu")
     for group, got in zip(groups, scores):
@@ -259,6 +259,17 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     ({"stages": {"depth": {"layers": "first"}}}, r"train.stages.depth.layers: expected one of \['spread', 'prefix'\]"),
     ({"stages": {"depth": {"pooling": "pair"}}}, "train.stages.depth.pooling: only with layers: prefix"),
     ({"stages": {"depth": {"layers": "prefix"}, "exits": {"steps": 2}}}, "an exits stage would replace them"),
+    ({"stages": {"full": {"steps": "300"}}}, r"train.stages.full.steps: expected a whole number, got '300'"),
+    ({"stages": {"width": {"steps": 3, "configs": 1}}}, r"train.stages.width.configs: must be at least 2, got 1"),
+    ({"stages": {"full": {"lr": "fast"}}}, r"train.stages.full.lr: expected a number, got 'fast'"),
+    ({"stages": {"rewire": {"list": 8}}}, r"train.stages.rewire: expected some of enabled, lists"),
+    ({"stages": {"rewire": {"lists": 0}}}, r"train.stages.rewire.lists: must be at least 1, got 0"),
+    ({"seed": "13a"}, r"train.seed: expected a whole number, got '13a'"),
+    ({"output": ""}, r"train.output: expected a non-empty string"),
+    ({"widths": [0.0, 1.0]}, r"train.widths: expected fractions in \(0, 1\] with 1.0"),
+    ({"teacher": {"run": "bm25", "wieght": 0.3}}, r"train.teacher: unknown key 'wieght' for a run teacher"),
+    ({"teacher": {"fusion": ["bi-encoder"]}}, r"train.teacher.fusion\[0\]: expected a mapping"),
+    ({"teacher": {"fusion": [{"run": "bm25", "weight": "high"}]}}, r"train.teacher.fusion\[0\].weight: expected a number"),
 ])
 def test_recipe_errors_name_the_key(tiny_data, change, message):
     section = tiny_section(tiny_data)
@@ -357,26 +368,44 @@ def test_weight_average_follows_the_weights_with_a_short_memory_at_first():
         WeightAverage([weight], decay=1.0)
 
 
-def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch):
+@pytest.mark.parametrize("interrupted, at_call", [("_step_losses", 8),      # depth step 1, after its stage's end
+                                                   ("_save_optimizer", 2)])  # writing the width stage's checkpoint
+def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch, interrupted, at_call):
+    import rankshrink.train.distill as distill
+
     uninterrupted = train(tiny_section(tiny_data, output=str(tiny_data["dir"] / "whole"),
                                        cache=str(tiny_data["dir"] / "c-whole")))
-    real_step = Trainer._step_losses
+    owner = Trainer if interrupted == "_step_losses" else distill
+    real = getattr(owner, interrupted)
     calls = {"n": 0}
 
-    def interrupting(self, *args, **kwargs):
+    def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 8:  # in the width stage, after its checkpoint at step 2
+        if calls["n"] == at_call:
             raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_step_losses", interrupting)
+    monkeypatch.setattr(owner, interrupted, interrupting)
     section = tiny_section(tiny_data, output=str(tiny_data["dir"] / "resumed"), cache=str(tiny_data["dir"] / "c-r"))
     with pytest.raises(KeyboardInterrupt):
         train(section)
     assert not (tiny_data["dir"] / "resumed").exists()
-    monkeypatch.setattr(Trainer, "_step_losses", real_step)
+    monkeypatch.setattr(owner, interrupted, real)
     resumed = train(section)
     assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
+    assert len(list((tiny_data["dir"] / "c-r" / "checkpoints").glob("*/state-*"))) == 1   # the last checkpoint's
+
+
+def test_a_data_file_changed_in_place_trains_afresh_instead_of_resuming(tiny_data):
+    messages: list[str] = []
+    section = tiny_section(tiny_data)
+    Trainer(train_spec_from_dict(section), progress=False, log=messages.append).run()
+    qrels = tiny_data["dir"] / "qrels.txt"
+    qrels.write_text(qrels.read_text().replace("q1 0 p1 2", "q1 0 p2 3"))
+    messages.clear()
+    Trainer(train_spec_from_dict(section), progress=False, log=messages.append).run()
+    assert not any("resuming" in message for message in messages)
+    assert len(list((tiny_data["dir"] / "cache" / "checkpoints").iterdir())) == 2
 
 
 def test_the_exits_stage_trains_new_exit_heads_on_the_frozen_network_and_reruns_alone(tiny_data):
@@ -407,6 +436,11 @@ def test_the_exits_stage_trains_new_exit_heads_on_the_frozen_network_and_reruns_
     fresh = train({**again, "output": str(d / "fresh"), "cache": str(d / "c-fresh")})
     assert all(torch.equal(rerun[name], fresh[name]) for name in fresh)
     assert not torch.equal(rerun["exits.0.pooler.weight"], trained["exits.0.pooler.weight"])
+    # Without it again, the exit heads are the depth stage's, as if it had never run.
+    train(section)
+    without = load_model(d / "out")
+    assert without.config.exit_pooling == "cls" and "exits" not in without.metadata["training"]["held_out_ndcg@10"]
+    assert all(torch.equal(without.state_dict()[name], network[name]) for name in network)
 
 
 def test_the_exit_offset_weight_keys_the_exits_stage_alone(tiny_data):
@@ -417,14 +451,14 @@ def test_the_exit_offset_weight_keys_the_exits_stage_alone(tiny_data):
     assert light.fingerprint == default.fingerprint and light.recipe_fingerprint != default.recipe_fingerprint
     assert light._exit_offset_weight() == 0.1 and default._exit_offset_weight() == default.spec.losses.exit_kl == 1.0
     for bad in (-1, "heavy", True):
-        with pytest.raises(InputError, match="losses.exit_offset must be a weight >= 0"):
+        with pytest.raises(InputError, match="losses.exit_offset(: expected a number| must be a weight >= 0)"):
             train_spec_from_dict(tiny_section(tiny_data, losses={"exit_offset": bad}))
 
 
 def test_loss_weights_are_numbers_at_least_zero_and_temperatures_above_zero(tiny_data):
     for name, bad in (("teacher_kl", -0.5), ("hidden_mse", "a lot"), ("labels_ce", None), ("exit_kl", float("nan")),
                       ("inplace_kl", True)):
-        with pytest.raises(InputError, match=f"losses.{name} must be a weight >= 0"):
+        with pytest.raises(InputError, match=f"losses.{name}(: expected a number| must be a weight >= 0)"):
             train_spec_from_dict(tiny_section(tiny_data, losses={name: bad}))
     for name in ("temperature", "label_temperature"):
         with pytest.raises(InputError, match=f"losses.{name} must be a temperature > 0"):
@@ -619,6 +653,29 @@ def test_data_set_errors_name_the_key(tiny_data, data_change, message):
             section["data"][0][key] = value
     with pytest.raises(InputError, match=message):
         train_spec_from_dict(section)
+
+
+def test_two_data_sets_may_not_share_a_name_and_a_float_without_a_dot_is_a_float(tiny_data):
+    section = tiny_section(tiny_data)
+    section["data"].append(dict(section["data"][0]))
+    with pytest.raises(InputError, match=r"train.data\[1\].name 'tiny' is already data\[0\]'s"):
+        train_spec_from_dict(section)
+    spec = train_spec_from_dict(tiny_section(tiny_data, stages={"full": {"steps": 4, "lr": "1e-4"}}))
+    assert spec.full.lr == 1e-4      # YAML reads 1e-4 (no dot) as a string
+
+
+def test_a_query_the_qrels_do_not_judge_has_no_labels_and_is_never_held_out(tiny_data):
+    from rankshrink.data import read_qrels, read_run, read_topics
+
+    qrels = read_qrels(tiny_data["dir"] / "qrels.txt")
+    del qrels["q3"]
+    groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), [read_run(tiny_data["runs"]["bm25"])],
+                          Collection(tiny_data["dir"] / "passages.jsonl"), qrels=qrels, source="tiny")
+    assert {group.qid: group.labels is None for group in groups} == {"q0": False, "q1": False, "q2": False, "q3": True}
+    (tiny_data["dir"] / "qrels.txt").write_text("q0 0 p1 3\nq1 0 p2 2\n")      # two judged queries
+    trainer = Trainer(train_spec_from_dict(tiny_section(tiny_data)), progress=False, log=lambda message: None)
+    train_groups, held_out = trainer.load_data()
+    assert [group.qid for group in held_out] in (["q0"], ["q1"]) and len(train_groups) == 3
 
 
 def test_the_online_recipe_distils_from_ms_marco_train_and_fails_offline_with_one_line(tmp_path, capsys,

@@ -311,6 +311,8 @@ def save_model(model: DynamicCrossEncoder, directory: str | os.PathLike) -> Path
 
     >>> save_model(model, "models/minilm-dyna")    # doctest: +SKIP
     """
+    if model.tokenizer is None:   # load_model would refuse the directory
+        raise InputError(f"{directory}: the model has no tokenizer to save with it; set model.tokenizer first")
     _check_metadata(model.metadata)
     manifest = manifest_of(model)
     hf_config = model.config.to_hf(model.hf_config)
@@ -320,8 +322,7 @@ def save_model(model: DynamicCrossEncoder, directory: str | os.PathLike) -> Path
         if model.config.exit_layers:
             _save_safetensors({f"exits.{name}": tensor for name, tensor in model.exits.state_dict().items()},
                               staging / EXIT_WEIGHTS)
-        if model.tokenizer is not None:
-            _save_tokenizer(model.tokenizer, staging)
+        _save_tokenizer(model.tokenizer, staging)
         _write_json(manifest, staging / MANIFEST)
     return Path(directory)
 

@@ -6,9 +6,10 @@
    the fine-tuned teacher the next stages distil from.
 2. **rewire** (DynaBERT): heads and FFN neurons reordered by importance — |∂loss/∂mask| over training
    lists — so narrow sub-networks keep the important ones. The full network's function is unchanged.
-3. **width** (DynaBERT stage 1): each step runs the full network (still learning from teacher and labels),
-   the narrowest width and random others; every sub-network learns the full network's scores (in-place
-   listwise KL) and hidden states (MSE, TinyBERT's intermediate-layer loss).
+3. **width** (DynaBERT stage 1): each step runs the full network, the narrowest width and random others;
+   every sub-network learns the scores (listwise KL) and hidden states (MSE, TinyBERT's intermediate-layer
+   loss) of the network as the full stage left it, frozen (``losses.reference: frozen``, the default; with
+   ``inplace``, of the full network, which keeps learning from teacher and labels).
 4. **depth** (DynaBERT stage 2): the same over widths × depths, plus FastBERT's self-distillation: every
    exit head learns the final layer's scores of the sub-network it runs in, so all layers share one scale.
    With ``depth_layers: prefix`` a depth below 1 is the first layers and ends at an exit head: the stage
@@ -19,12 +20,17 @@
    retrain the network.
 
 Checkpoints every ``checkpoint_every`` steps make a run resumable (``rankshrink train`` again picks up where
-it stopped); a fixed seed gives the same model; each stage logs JSON lines to ``<cache>/logs/<stage>.jsonl``.
+it stopped), keyed by the recipe and by what it trains on (the base's files, every list and its teacher scores:
+a data file changed in place starts afresh); a fixed seed gives the same model; each stage logs JSON lines to
+``<cache>/logs/<stage>.jsonl``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -32,9 +38,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..data import atomic_write, json_digest, open_collection, read_qrels, read_run, read_topics, write_run
+from ..data import (atomic_write, json_digest, open_collection, read_qrels, read_run, read_topics, trec_order,
+                    write_run)
 from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
@@ -43,7 +51,7 @@ from .groups import TrainingGroup, build_groups, sample_list, split_queries
 from .pseudo import pseudo_queries
 from .losses import hidden_mse, list_offset, listwise_ce, listwise_kl
 from .recipe import StageSpec, TrainSpec
-from .teacher import score_groups, teacher_from_spec
+from .teacher import model_fingerprint, score_groups, teacher_from_spec
 
 STAGES = ("full", "rewire", "width", "depth", "exits")
 EXIT_STAGE_KEYS = ("exits", "exit_pooling")   # what the exits stage reads and the network's stages do not
@@ -59,6 +67,8 @@ class Trainer:
         recipe = asdict(spec)
         if spec.losses.exit_offset is None:   # defaults left out: recipes keep the fingerprints they had before them
             del recipe["losses"]["exit_offset"]
+        for key in ("output", "checkpoint_every", "smoke"):   # they do not change what is trained
+            del recipe[key]
         network = dict(recipe)
         if spec.depth_layers == "spread":
             del recipe["depth_layers"], network["depth_layers"]
@@ -69,7 +79,7 @@ class Trainer:
         self.fingerprint = json_digest({key: value for key, value in network.items() if key not in apart}, 16)
         self.recipe_fingerprint = json_digest(recipe, 16)
         self.cache = Path(spec.cache)
-        self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint
+        self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint   # + the inputs' digest, in run()
         self.log_dir = self.cache / "logs"
         self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec.dtype == "bf16" else nullcontext())
 
@@ -95,8 +105,11 @@ class Trainer:
             if data.queries is not None:
                 qids = qids[: data.queries]
             if data.candidates is not None:
-                runs = [{qid: dict(list(docs.items())[: data.candidates]) for qid, docs in run.items()} for run in runs]
-            train_qids, held_qids = split_queries(qids, data.held_out if qrels else 0, self.spec.seed)
+                runs = [{qid: dict(trec_order(docs)[: data.candidates]) for qid, docs in run.items()} for run in runs]
+            judged = [qid for qid in qids if qid in qrels] if qrels else []   # the held-out queries need labels
+            train_qids, held_qids = split_queries(judged, data.held_out, self.spec.seed, f"data set {data.name!r}: ") \
+                if judged else (qids, [])
+            train_qids = sorted(set(train_qids) | (set(qids) - set(judged)))
             train += build_groups(topics, runs, collection, qrels=qrels, queries=train_qids, source=data.name)
             if held_qids:
                 held_out += build_groups(topics, runs, collection, qrels=qrels, queries=held_qids, source=data.name)
@@ -106,11 +119,11 @@ class Trainer:
             if unlabelled:
                 self.log(f"losses.teacher_kl is 0: {unlabelled} training queries without labels left out")
             if not train:
-                raise ValueError("losses.teacher_kl is 0 and no training query has labels (qrels)")
+                raise InputError("losses.teacher_kl is 0 and no training query has labels (qrels)")
         elif self.spec.teacher or any(data.teacher for data in self.spec.data):
             self._score_with_teachers(train, run_files)
         elif self.spec.losses.teacher_kl:
-            raise ValueError("losses.teacher_kl is set but the recipe has no teacher")
+            raise InputError("losses.teacher_kl is set but the recipe has no teacher")
         return train, held_out
 
     def _score_with_teachers(self, train: list[TrainingGroup], run_files: dict[str, dict[str, Path]]) -> None:
@@ -179,13 +192,21 @@ class Trainer:
         started = time.time()
         torch.manual_seed(self.spec.seed)
         train, held_out = self.load_data()
+        self.checkpoint_dir = self.cache / "checkpoints" / f"{self.fingerprint}-{self._inputs_digest(train, held_out)}"
         state = self._read_checkpoint()
+        before_exits = self.checkpoint_dir / "before-exits"
+        exits_changed = state is not None and state.get("recipe") != self.recipe_fingerprint
+        if exits_changed and before_exits.is_dir():   # the network as the depth stage left it, its heads too
+            state = {**state, "model_dir": str(before_exits)}
         model = load_model(state["model_dir"] if state else self.spec.base)
+        for measured in ("profile", "calibration"):   # a profiled base's: measured on another network
+            model.metadata.pop(measured, None)
         model.config = replace(model.config, widths=tuple(self.spec.widths), depths=tuple(self.spec.depths),
                                depth_layers=self.spec.depth_layers)
         done = self.done = set(state["done"]) if state else set()
-        if state and state.get("recipe") != self.recipe_fingerprint:   # the exits stage changed: run it again
+        if exits_changed:   # the exits stage changed: run it again (or not at all)
             done.discard("exits")
+            state["summary"]["dev"].pop("exits", None)
             if state.get("stage") == "exits":
                 state = {key: value for key, value in state.items() if key != "stage"}
         summary: dict[str, Any] = state["summary"] if state else {"dev": {}}
@@ -199,6 +220,8 @@ class Trainer:
                 stage_spec: StageSpec = getattr(self.spec, stage)
                 if stage_spec.steps > 0:
                     resume = state if state and state.get("stage") == stage else None
+                    if stage == "exits" and not resume:
+                        save_model(model, before_exits)
                     if stage in ("width", "depth") and self.spec.losses.reference == "frozen":
                         self.reference = self._frozen_reference(model)
                     self._train_stage(stage, stage_spec, model, train, held_out, resume, summary)
@@ -221,6 +244,18 @@ class Trainer:
         save_model(model, self.spec.output)
         self.log(f"model written to {self.spec.output} ({time.time() - started:.0f} s)")
         return Path(self.spec.output)
+
+    def _inputs_digest(self, train: Sequence[TrainingGroup], held_out: Sequence[TrainingGroup]) -> str:
+        """What the network learns from besides the recipe: the base model's weights and every list (query,
+        candidates, passages, labels, teacher scores). A data file or a teacher changed in place then starts
+        new checkpoints instead of resuming ones made from the old."""
+        base = model_fingerprint(self.spec.base)
+        digest = hashlib.sha256(base.get("files_sha256", base["model"]).encode())
+        for group in [*train, *held_out]:
+            digest.update(json.dumps([group.key, group.query, group.docids, group.texts, group.labels]).encode())
+            if group.teacher is not None:
+                digest.update(np.ascontiguousarray(group.teacher, dtype=np.float32).tobytes())
+        return digest.hexdigest()[:16]
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -282,19 +317,21 @@ class Trainer:
         start_step, best, order = 0, None, []
         average = WeightAverage(trainable, stage_spec.average) if stage_spec.average else None
         if resume:
-            start_step = resume["step"]
-            _load_optimizer(optimizer, schedule, self.checkpoint_dir)
+            start_step, saved = resume["step"], Path(resume["state_dir"])
+            _load_optimizer(optimizer, schedule, saved)
             if average is not None:
-                average.load(self.checkpoint_dir / "average.safetensors")
+                average.load(saved / "average.safetensors")
             rng.setstate(_tuples(resume["rng"]))
-            torch.set_rng_state(_load_torch_rng(self.checkpoint_dir))
+            torch.set_rng_state(_load_torch_rng(saved))
             best = resume.get("best")
             order = list(resume["order"])
         configs = self._configs(stage)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.log_dir / f"{stage}.jsonl"
-        if not resume:
-            log_file.write_text("")
+        kept = [] if not resume or not log_file.is_file() else \
+            [line for line in log_file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start_step]
+        with atomic_write(log_file) as out:    # a resumed stage logs the steps after its checkpoint once
+            out.writelines(kept)
         model.train(stage != "exits")   # the exits stage: the frozen network without dropout, the heads with it
         model.exits.train()
         bar = tqdm(range(start_step, stage_spec.steps), desc=stage, unit="step", disable=not self.progress,
@@ -337,11 +374,9 @@ class Trainer:
             with open(log_file, "a") as out:
                 out.write(json.dumps(record) + "\n")
             if done_steps % spec.checkpoint_every == 0 and done_steps < stage_spec.steps:
-                if average is not None:
-                    average.save(self.checkpoint_dir / "average.safetensors")
                 self._write_checkpoint(model, {"done": sorted(self.done), "summary": summary,
                                                "stage": stage, "step": done_steps, "rng": rng.getstate(),
-                                               "order": order, "best": best}, optimizer, schedule)
+                                               "order": order, "best": best}, optimizer, schedule, average)
         if average is not None:
             average.copy_to_model()
         if best is not None:
@@ -423,7 +458,7 @@ class Trainer:
                         lambda: sum(listwise_ce(s, grades, weights.label_temperature) for s in out.exit_scores.values())
                         / len(out.exit_scores))
         if not parts:
-            raise ValueError(f"stage {stage}: every loss weight that applies to this list is 0")
+            raise InputError(f"stage {stage}: every loss weight that applies to this list is 0")
         return parts
 
     def _exit_offset_weight(self) -> float:
@@ -450,14 +485,15 @@ class Trainer:
             if weights.exit_kl:
                 parts["exit_kl"] = parts.get("exit_kl", 0) + weights.exit_kl * share * sum(
                     listwise_kl(score, final, weights.temperature) for score in exits)
+            if self._exit_offset_weight():
                 parts["exit_offset"] = parts.get("exit_offset", 0) + self._exit_offset_weight() * share * sum(
                     list_offset(score, final) for score in exits)
             if weights.exit_labels_ce and grades is not None:
                 parts["exit_labels_ce"] = parts.get("exit_labels_ce", 0) + weights.exit_labels_ce * share * sum(
                     listwise_ce(score, grades, weights.label_temperature) for score in exits)
         if not parts:
-            raise ValueError("stage exits: no exit head runs in the sampled configurations, or exit_kl and "
-                             "exit_labels_ce are both 0")
+            raise InputError("stage exits: no exit head runs in the sampled configurations, or exit_kl, "
+                             "exit_offset and exit_labels_ce are all 0")
         return parts
 
     def exit_dev_scores(self, model: DynamicCrossEncoder, groups: Sequence[TrainingGroup]) -> dict[str, float]:
@@ -501,15 +537,26 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def _write_checkpoint(self, model: DynamicCrossEncoder, state: dict, optimizer=None, schedule=None) -> None:
-        save_model(model, self.checkpoint_dir / "model")
+    def _write_checkpoint(self, model: DynamicCrossEncoder, state: dict, optimizer=None, schedule=None,
+                          average: WeightAverage | None = None) -> None:
+        """Everything a resume reads goes to a fresh directory; then ``state.json``, rewritten in one rename,
+        points at it. Interrupted anywhere, the checkpoint is the old one or the new one, whole."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        saved = Path(tempfile.mkdtemp(prefix="state-", dir=self.checkpoint_dir))
+        save_model(model, saved / "model")
         if optimizer is not None:
-            _save_optimizer(optimizer, schedule, self.checkpoint_dir)
             from safetensors.torch import save_file
 
-            save_file({"rng": torch.get_rng_state()}, str(self.checkpoint_dir / "torch_rng.safetensors"))
+            _save_optimizer(optimizer, schedule, saved)
+            save_file({"rng": torch.get_rng_state()}, str(saved / "torch_rng.safetensors"))
+        if average is not None:
+            average.save(saved / "average.safetensors")
         with atomic_write(self.checkpoint_dir / "state.json") as out:
-            json.dump({**state, "model_dir": str(self.checkpoint_dir / "model"), "recipe": self.recipe_fingerprint}, out)
+            json.dump({**state, "state_dir": str(saved), "model_dir": str(saved / "model"),
+                       "recipe": self.recipe_fingerprint}, out)
+        for older in self.checkpoint_dir.glob("state-*"):   # and what interrupted writes left
+            if older != saved:
+                shutil.rmtree(older, ignore_errors=True)
 
     def _read_checkpoint(self) -> dict | None:
         path = self.checkpoint_dir / "state.json"

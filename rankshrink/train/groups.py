@@ -51,32 +51,33 @@ def build_groups(topics: Topics, candidate_runs: Sequence[Run], collection: Coll
                  min_candidates: int = 2) -> list[TrainingGroup]:
     """One group per query of ``queries`` (default: every query some run has), candidates pooled from
     ``candidate_runs`` in first-run-first order. Queries with labels but no relevant candidate still
-    count (their lists teach what is not relevant)."""
+    count (their lists teach what is not relevant); a query the qrels do not judge has no labels (it learns from
+    the teacher alone). ``source``: the data set's name, in the groups and in errors."""
+    where = f"data set {source!r}: " if source else ""
     if not candidate_runs:
-        raise InputError("no candidate runs to build training groups from")
+        raise InputError(f"{where}no candidate runs to build training groups from")
     wanted = list(queries) if queries is not None else sorted({qid for run in candidate_runs for qid in run})
     groups = []
     for qid in wanted:
         if qid not in topics:
-            raise InputError(f"query {qid} is in the candidate runs but not in the topics")
+            raise InputError(f"{where}query {qid} is in the candidate runs but not in the topics")
         docids = list(dict.fromkeys(docid for run in candidate_runs for docid, _ in trec_order(run.get(qid, {}))))
         if len(docids) < min_candidates:
             continue
         labels = None
-        if qrels is not None:
-            judged = qrels.get(qid, {})
-            labels = [judged.get(docid) for docid in docids]
+        if qrels is not None and qid in qrels:
+            labels = [qrels[qid].get(docid) for docid in docids]
         groups.append(TrainingGroup(qid, topics[qid], docids, collection.texts(docids), labels, source=source))
     if not groups:
-        raise InputError(f"no training groups: no query has {min_candidates}+ candidates")
+        raise InputError(f"{where}no training groups: no query has {min_candidates}+ candidates")
     return groups
 
 
-def split_queries(qids: Sequence[str], held_out: int, seed: int) -> tuple[list[str], list[str]]:
+def split_queries(qids: Sequence[str], held_out: int, seed: int, where: str = "") -> tuple[list[str], list[str]]:
     """(train, held-out) query ids: a seeded random choice of ``held_out`` queries for model selection."""
     qids = sorted(qids)
     if not 0 <= held_out < len(qids):
-        raise InputError(f"cannot hold out {held_out} of {len(qids)} queries")
+        raise InputError(f"{where}cannot hold out {held_out} of {len(qids)} queries")
     held = set(random.Random(seed).sample(qids, held_out))
     return [qid for qid in qids if qid not in held], sorted(held)
 

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError
+from .teacher import check_teacher_spec
 
 
 @dataclass(frozen=True)
@@ -191,9 +192,38 @@ def _build(cls, values: Mapping[str, Any], where: str):
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
     try:
-        return cls(**values)
+        return cls(**{key: _typed(value, known[key].type, f"{where}.{key}") for key, value in values.items()})
     except TypeError as error:
         raise InputError(f"{where}: {error}") from None
+
+
+def _typed(value: Any, annotation: str, where: str) -> Any:
+    """``value`` checked against a plain field type (int, float, bool, str, optionally ``| None``); a float
+    written without a dot (``1e-4``, which YAML reads as a string) becomes one."""
+    kind = annotation.removesuffix(" | None")
+    if value is None and kind != annotation:
+        return None
+    if kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InputError(f"{where}: expected a whole number, got {value!r}")
+    if kind == "bool" and not isinstance(value, bool):
+        raise InputError(f"{where}: expected true or false, got {value!r}")
+    if kind == "str" and (not isinstance(value, str) or not value.strip()):
+        raise InputError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _at_least(value: float, least: float, where: str) -> None:
+    if value < least:
+        raise InputError(f"{where}: must be at least {least:g}, got {value!r}")
 
 
 def _pseudo_spec(item: Mapping[str, Any], where: str) -> PseudoQuerySpec:
@@ -233,9 +263,13 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
                     "pseudo_queries": _pseudo_spec(item, f"{where}.data[{i}]")}
         if not item.get("runs") and not item.get("search"):
             raise InputError(f"{where}.data[{i}]: give runs (candidate run files) or search (a BM25 index)")
-        if item.get("teacher") is not None and not isinstance(item["teacher"], Mapping):
-            raise InputError(f"{where}.data[{i}].teacher: expected a mapping such as {{bi-encoder: PATH}}, "
-                             f"got {item['teacher']!r}")
+        if item.get("teacher") is not None:
+            check_teacher_spec(item["teacher"], f"{where}.data[{i}].teacher")
+        if not isinstance(item.get("runs") or {}, Mapping):
+            raise InputError(f"{where}.data[{i}].runs: expected a mapping of run names to files, got {item['runs']!r}")
+        earlier = [j for j, other in enumerate(data[:i]) if other.get("name") == item["name"]]
+        if earlier:
+            raise InputError(f"{where}.data[{i}].name {item['name']!r} is already data[{earlier[0]}]'s")
         search = item.get("search")
         if search is not None:
             search = _build(SearchSpec, search, f"{where}.data[{i}].search")
@@ -280,15 +314,22 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         stages["exits"] = exits
     for name in ("full", "width", "depth", "exits"):
         if name in stages:
-            section[name] = _build(StageSpec, stages[name] or {}, f"{where}.stages.{name}")
-            average = section[name].average
-            if isinstance(average, bool) or not isinstance(average, (int, float)) or not 0.0 <= average < 1.0:
+            stage = section[name] = _build(StageSpec, stages[name] or {}, f"{where}.stages.{name}")
+            if not 0.0 <= stage.average < 1.0:
                 raise InputError(f"{where}.stages.{name}.average: a decay in [0, 1) (0: no average), "
-                                 f"got {section[name].average!r}")
+                                 f"got {stage.average!r}")
+            if not stage.lr > 0 or not 0 <= stage.warmup <= 1:
+                raise InputError(f"{where}.stages.{name}: lr must be > 0 and warmup a fraction in [0, 1], got "
+                                 f"{stage.lr!r} and {stage.warmup!r}")
+            for key, least in (("steps", 0), ("eval_every", 0), ("configs", 1 if name == "full" else 2)):
+                _at_least(getattr(stage, key), least, f"{where}.stages.{name}.{key}")
     if "rewire" in stages:
         rewire = stages["rewire"] or {}
-        section["rewire"] = bool(rewire.get("enabled", True))
-        section["rewire_lists"] = int(rewire.get("lists", 64))
+        if not isinstance(rewire, Mapping) or set(rewire) - {"enabled", "lists"}:
+            raise InputError(f"{where}.stages.rewire: expected some of enabled, lists; got {rewire!r}")
+        section["rewire"] = _typed(rewire.get("enabled", True), "bool", f"{where}.stages.rewire.enabled")
+        section["rewire_lists"] = _typed(rewire.get("lists", 64), "int", f"{where}.stages.rewire.lists")
+        _at_least(section["rewire_lists"], 1, f"{where}.stages.rewire.lists")
     if "losses" in section:
         section["losses"] = _build(LossWeights, section["losses"] or {}, f"{where}.losses")
         _check_loss_weights(section["losses"], f"{where}.losses")
@@ -296,10 +337,23 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
             raise InputError(f"{where}.losses.reference must be frozen or inplace, got {section['losses'].reference!r}")
     for key in ("widths", "depths"):
         if key in section:
-            section[key] = tuple(float(value) for value in section[key])
+            values = section[key]
+            if not isinstance(values, list) or not values:
+                raise InputError(f"{where}.{key}: expected a list of fractions in (0, 1] with 1.0, got {values!r}")
+            section[key] = tuple(_typed(value, "float", f"{where}.{key}") for value in values)
+            if not all(0 < value <= 1 for value in section[key]) or 1.0 not in section[key]:
+                raise InputError(f"{where}.{key}: expected fractions in (0, 1] with 1.0, got {values!r}")
+    if section.get("teacher") is not None:
+        check_teacher_spec(section["teacher"], f"{where}.teacher")
     spec = _build(TrainSpec, {**section, "data": tuple(specs)}, where)
     if spec.dtype not in ("bf16", "fp32"):
         raise InputError(f"{where}.dtype: expected bf16 or fp32, got {spec.dtype!r}")
     if spec.list_size < 2:
         raise InputError(f"{where}.list_size: a list needs at least 2 candidates, got {spec.list_size}")
+    _at_least(spec.max_length, 8, f"{where}.max_length")
+    _at_least(spec.checkpoint_every, 1, f"{where}.checkpoint_every")
+    if not isinstance(spec.smoke, Mapping) or set(spec.smoke) - {"queries", "candidates", "steps"} or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in spec.smoke.values()):
+        raise InputError(f"{where}.smoke: expected positive whole numbers for queries, candidates, steps; "
+                         f"got {spec.smoke!r}")
     return spec

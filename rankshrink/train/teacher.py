@@ -11,9 +11,10 @@
 - ``FusionTeacher``: a weighted sum of other teachers' scores, each z-normalised within the query — how
   the offline recipe combines the bi-encoder with the shipped first-stage runs.
 
-Scores are cached as JSON under ``cache_dir``: one file per teacher identity (model name and a hash of its
-weights file, or run files' hashes), holding each list's scores keyed by what the list is (data set, qid, query,
-candidates and their texts). A rerun of a recipe does not rescore; adding a data set scores only its lists; a
+Scores are cached as JSON under ``cache_dir``: one file per teacher identity (model name and a hash of the
+files of its directory, or run files' hashes), holding each list's scores keyed by what the list is (data set,
+qid, query, candidates and their texts). A rerun of a recipe does not rescore; adding a data set makes a model
+only score its lists (a run part, whose identity covers every data set's run file, reads them all again); a
 fusion caches each part on its own, so changing a weight or a run rescores no model.
 
 >>> teacher = teacher_from_spec({"bi-encoder": "../shared/models/all-MiniLM-L6-v2"})   # doctest: +SKIP
@@ -48,17 +49,19 @@ class Teacher(ABC):
 
 
 def model_fingerprint(name_or_path: str) -> dict[str, str]:
-    """A local model directory is named by its path and a hash of its weights; a hub id by the id."""
+    """A local model directory is named by its path and a hash of every file in it (weights, configs, pooling
+    and dense modules, tokenizer); a hub id by the id."""
     path = Path(name_or_path)
     if not path.exists():
         return {"model": name_or_path}
-    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
     digest = hashlib.sha256()
-    for file in weights:
-        with open(file, "rb") as handle:
+    files = sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file())
+    for name in (f for f in files if not any(part.startswith(".") for part in f.parts)):   # not .cache/ etc.
+        digest.update(str(name).encode() + b"\0")
+        with open(path / name, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
-    return {"model": str(path.resolve()), "weights_sha256": digest.hexdigest()}
+    return {"model": str(path.resolve()), "files_sha256": digest.hexdigest()}
 
 
 class CrossEncoderTeacher(Teacher):
@@ -214,6 +217,39 @@ def _split(flat: np.ndarray, groups: Sequence[TrainingGroup]) -> list[np.ndarray
     return out
 
 
+_TEACHER_KEYS = {"cross-encoder": {"max_length": int, "batch_size": int},
+                 "bi-encoder": {"scale": float, "batch_size": int, "max_length": int},
+                 "sparse-encoder": {"max_length": int, "batch_size": int},
+                 "run": {}, "fusion": {}}
+
+
+def check_teacher_spec(spec: Any, where: str = "teacher", in_fusion: bool = False) -> None:
+    """A teacher's recipe entry (``teacher_from_spec``) is well formed: one kind, known keys, numbers where
+    numbers go; the error names the key. Nothing is loaded."""
+    if not isinstance(spec, Mapping):
+        raise InputError(f"{where}: expected a mapping such as {{bi-encoder: PATH}}, got {spec!r}")
+    kinds = [key for key in _TEACHER_KEYS if key in spec]
+    if len(kinds) != 1:
+        raise InputError(f"{where} {dict(spec)}: expected exactly one of {', '.join(_TEACHER_KEYS)}")
+    kind = kinds[0]
+    allowed = {kind: str, **_TEACHER_KEYS[kind], **({"weight": float} if in_fusion else {})}
+    for key, value in spec.items():
+        if key not in allowed:
+            raise InputError(f"{where}: unknown key {key!r} for a {kind} teacher; expected some of {sorted(allowed)}")
+        if kind == "fusion" and key == kind:
+            if not isinstance(value, list) or not value:
+                raise InputError(f"{where}.fusion: expected a list of parts, got {value!r}")
+            for i, part in enumerate(value):
+                check_teacher_spec(part, f"{where}.fusion[{i}]", in_fusion=True)
+        elif allowed[key] is str:
+            if not isinstance(value, str) or not value:
+                raise InputError(f"{where}.{key}: expected a name or path, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float) if allowed[key] is float else int) \
+                or value < 0:
+            raise InputError(f"{where}.{key}: expected a {'number' if allowed[key] is float else 'whole number'} "
+                             f">= 0, got {value!r}")
+
+
 def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None = None) -> Teacher:
     """Build a teacher from its recipe entry:
 
@@ -223,18 +259,13 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
     ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``; in a fusion, a run part
     scores only the data sets that have that run (the others' lists are fused from the remaining parts).
     """
+    check_teacher_spec(spec)
     return _teacher_from_spec(spec, runs_by_source, in_fusion=False)
 
 
 def _teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None,
                        in_fusion: bool) -> Teacher:
-    if not isinstance(spec, Mapping):
-        raise InputError(f"teacher {spec!r}: expected a mapping such as {{bi-encoder: PATH}}")
-    kinds = [key for key in ("cross-encoder", "bi-encoder", "sparse-encoder", "run", "fusion") if key in spec]
-    if len(kinds) != 1:
-        raise InputError(f"teacher {dict(spec)}: expected exactly one of cross-encoder, bi-encoder, sparse-encoder, "
-                         "run, fusion")
-    kind = kinds[0]
+    kind = next(key for key in _TEACHER_KEYS if key in spec)
     if kind == "cross-encoder":
         return CrossEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)))
     if kind == "bi-encoder":
@@ -250,8 +281,6 @@ def _teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Map
             raise InputError(f"teacher run {name!r}: no training data set has a run of that name")
         return RunTeacher(available, partial=in_fusion)
     parts = spec[kind]
-    if not isinstance(parts, list):
-        raise InputError(f"teacher fusion: expected a list of parts, got {parts!r}")
     return FusionTeacher([(_teacher_from_spec({k: v for k, v in part.items() if k != "weight"}, runs_by_source,
                                               in_fusion=True), float(part.get("weight", 1.0))) for part in parts])
 
