@@ -9,6 +9,7 @@ import pytest
 
 from rankshrink.cli import main
 from rankshrink.data import read_qrels, read_run
+from rankshrink.errors import InputError
 from rankshrink.metrics import evaluate, ranx_metric_name
 
 RUN_NAMES = ["bm25", "bm25-rm3", "splade-pp-ed", "tas-b", "openai-ada2"]

@@ -269,7 +269,8 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     ({"widths": [0.0, 1.0]}, r"train.widths: expected fractions in \(0, 1\] with 1.0"),
     ({"teacher": {"run": "bm25", "wieght": 0.3}}, r"train.teacher: unknown key 'wieght' for a run teacher"),
     ({"teacher": {"fusion": ["bi-encoder"]}}, r"train.teacher.fusion\[0\]: expected a mapping"),
-    ({"teacher": {"fusion": [{"run": "bm25", "weight": "high"}]}}, r"train.teacher.fusion\[0\].weight: expected a number"),
+    ({"teacher": {"fusion": [{"run": "bm25", "weight": "high"}]}},
+     r"train.teacher.fusion\[0\].weight: expected a number"),
 ])
 def test_recipe_errors_name_the_key(tiny_data, change, message):
     section = tiny_section(tiny_data)
