@@ -196,7 +196,7 @@ class Trainer:
         state = self._read_checkpoint()
         before_exits = self.checkpoint_dir / "before-exits"
         exits_changed = state is not None and state.get("recipe") != self.recipe_fingerprint
-        if exits_changed and before_exits.is_dir():   # the network as the depth stage left it, its heads too
+        if exits_changed and "depth" in state["done"] and before_exits.is_dir():   # as the depth stage left it
             state = {**state, "model_dir": str(before_exits)}
         model = load_model(state["model_dir"] if state else self.spec.base)
         for measured in ("profile", "calibration"):   # a profiled base's: measured on another network
