@@ -12,6 +12,7 @@ passages are looked up by byte offset) or ir_datasets ids such as ``msmarco-pass
 """
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import io
@@ -301,8 +302,11 @@ def _parse_jsonl_topics(text: str, path: Path) -> Topics:
     return topics
 
 
-_TREC_TOPIC = re.compile(r"<num>\s*(?:Number:)?\s*(?P<qid>[^<\s]+)\s*(?:</num>)?(?:(?!<num>).)*?"
-                         r"(?P<tag><title>)\s*(?:Topic:)?(?P<title>[^<]*)", re.S)
+# A tag counts at the start of a line or right after another tag (``<top><num>303</num><title>...``), not in prose.
+_TAG_AT = r"(?:^|(?<=>))[ \t]*"
+_TREC_TOPIC = re.compile(_TAG_AT + r"(?P<num><num>)\s*(?:Number:)?\s*(?P<qid>[^<\s]+)\s*(?:</num>)?(?:(?!<num>).)*?"
+                         + _TAG_AT + r"(?P<tag><title>)\s*(?:Topic:)?(?P<title>[^<]*)", re.S | re.M)
+_TREC_TAGS = {tag: re.compile(_TAG_AT + f"({tag})", re.M) for tag in ("<num>", "<title>")}
 
 
 def _parse_trec_topics(text: str, path: Path) -> Topics:
@@ -310,21 +314,21 @@ def _parse_trec_topics(text: str, path: Path) -> Topics:
     and both on one line are fine)."""
     topics: Topics = {}
     lines = text.splitlines()
+    line_starts = [0] + [match.end() for match in re.finditer("\n", text)]
 
-    def fail(position: int, problem: str) -> InputError:
-        number = text.count("\n", 0, position) + 1
-        return InputError.at(path, number, problem, lines[number - 1])
+    def line_at(position: int) -> tuple[int, str]:
+        number = bisect.bisect_right(line_starts, position)
+        return number, lines[number - 1] if number <= len(lines) else ""
 
     matches = list(_TREC_TOPIC.finditer(text))
     for match in matches:
-        number = text.count("\n", 0, match.start()) + 1
-        _add_topic(topics, match["qid"], " ".join(match["title"].split()), path, number, lines[number - 1])
-    numbered, titled = {m.start() for m in matches}, {m.start("tag") for m in matches}
-    for tag, used, problem in (("<num>", numbered, "topic has a <num> but no <title>"),
-                               ("<title>", titled, "topic has a <title> but no <num>")):
-        stray = next((m.start() for m in re.finditer(tag, text) if m.start() not in used), None)
+        _add_topic(topics, match["qid"], " ".join(match["title"].split()), path, *line_at(match.start("num")))
+    used = {"<num>": {m.start("num") for m in matches}, "<title>": {m.start("tag") for m in matches}}
+    for tag, missing in (("<num>", "<title>"), ("<title>", "<num>")):
+        stray = next((m.start(1) for m in _TREC_TAGS[tag].finditer(text) if m.start(1) not in used[tag]), None)
         if stray is not None:
-            raise fail(stray, problem)
+            number, line = line_at(stray)
+            raise InputError.at(path, number, f"topic has a {tag} but no {missing}", line)
     if not topics:
         raise InputError(f"{path}: no '<num>' / '<title>' topics found")
     return topics

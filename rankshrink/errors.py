@@ -1,6 +1,7 @@
 """The one error type users see for bad input: the CLI prints its message on one line and exits 2."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,6 @@ class InputError(ValueError):
 
 def check_integer(name: str, value: Any, least: int = 1) -> Any:
     """``value`` when it is None or an integer >= ``least``; else an InputError that names it."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
         raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
     return value

@@ -99,7 +99,8 @@ Identify organizations.
 </top>
 """)
     assert read_topics(trec) == {"301": "international organized crime", "302": "poliomyelitis"}
-    closed = write(tmp_path / "c.txt", "<top>\n<num> Number: 302 </num>\n<title> Post-Polio </title>\n</top>\n"
+    closed = write(tmp_path / "c.txt", "<top>\n<num> Number: 302 </num>\n<title> Post-Polio </title>\n"
+                                       "<desc> the <title> and <num> tags in prose are words\n</top>\n"
                                        "<top><num>303</num><title>Hubble</title></top>\n")
     assert read_topics(closed) == {"302": "Post-Polio", "303": "Hubble"}
     with pytest.raises(InputError, match=r"u\.txt:3: topic has a <num> but no <title>"):

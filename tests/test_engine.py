@@ -85,16 +85,19 @@ def test_a_prefix_depth_reranks_with_the_exit_head_it_ends_at(tiny, depth):
     assert expected.std() > 0.1 and len(result.stats.batch_sizes) == len(tiny.layers_for(depth)) < tiny.config.num_layers
 
 
-def test_a_list_of_texts_follows_the_candidates_as_given_even_on_tied_scores(tiny):
+def test_a_list_of_texts_follows_the_first_stage_order_and_an_ambiguous_one_is_refused(tiny):
     candidates, texts = candidates_and_texts(10)
-    assert list(candidates) != [docid for docid, _ in trec_order(candidates)]     # ties: d00 and d01 swap
+    order = [docid for docid, _ in trec_order(candidates)]
+    assert list(candidates) != order                                   # ties: d00 and d01 swap
     reranker = Reranker(tiny, max_length=32, exits=False, dtype="fp32")
     expected = reranker.rerank("cat", candidates, texts).scores
-    assert reranker.rerank("cat", candidates, [texts[d] for d in candidates]).scores == expected
-    as_list = reranker.rerank("cat", list(candidates), [texts[d] for d in candidates]).scores
+    in_order = {docid: candidates[docid] for docid in order}
+    assert reranker.rerank("cat", in_order, [texts[d] for d in order]).scores == expected
+    as_list = reranker.rerank("cat", order, [texts[d] for d in order]).scores
     assert max(abs(as_list[d] - expected[d]) for d in candidates) < 1e-5
-    config = reranker.config
-    assert reranker.rerank_config("cat", candidates, [texts[d] for d in candidates], config).scores == expected
+    for call in (reranker.rerank, lambda *args: reranker.rerank_config(*args, reranker.config)):
+        with pytest.raises(InputError, match="give texts as a mapping docid -> text"):
+            call("cat", candidates, [texts[d] for d in candidates])     # which order? refused, not guessed
 
 
 @pytest.mark.parametrize("pooling", ["cls", "pair"])
@@ -361,8 +364,7 @@ def test_a_new_reranker_scores_with_the_models_current_weights(tiny, dtype, trai
     candidates, texts = candidates_and_texts(6)
     tiny.train(training)
     before = Reranker(tiny, max_length=32, exits=False, dtype=dtype).rerank("cat", candidates, texts).scores
-    with torch.no_grad():                     # what a training step does: the weights change in place
-        tiny.head.classifier.weight.mul_(-1.0)
+    tiny.head.classifier.weight.data.mul_(-1.0)   # an in-place change autograd does not see
     after = Reranker(tiny, max_length=32, exits=False, dtype=dtype).rerank("cat", candidates, texts).scores
     assert all(math.isclose(after[d], 2 * tiny.head.classifier.bias.item() - before[d], abs_tol=0.05)
                for d in candidates)

@@ -369,7 +369,8 @@ def test_weight_average_follows_the_weights_with_a_short_memory_at_first():
         WeightAverage([weight], decay=1.0)
 
 
-@pytest.mark.parametrize("interrupted, at_call", [("_step_losses", 8),      # depth step 1, after its stage's end
+@pytest.mark.parametrize("interrupted, at_call", [("_step_losses", 4),      # full step 4, after its checkpoint
+                                                   ("_step_losses", 8),      # depth step 1, after its stage's end
                                                    ("_save_optimizer", 2)])  # writing the width stage's checkpoint
 def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch, interrupted, at_call):
     import rankshrink.train.distill as distill
@@ -395,6 +396,9 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch, 
     resumed = train(section)
     assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
     assert len(list((tiny_data["dir"] / "c-r" / "checkpoints").glob("*/state-*"))) == 1   # the last checkpoint's
+    for stage, steps in (("full", 4), ("width", 3), ("depth", 3)):      # replayed steps are logged once
+        lines = (tiny_data["dir"] / "c-r" / "logs" / f"{stage}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1)), stage
 
 
 def test_a_data_file_changed_in_place_trains_afresh_instead_of_resuming(tiny_data):
@@ -663,6 +667,12 @@ def test_two_data_sets_may_not_share_a_name_and_a_float_without_a_dot_is_a_float
         train_spec_from_dict(section)
     spec = train_spec_from_dict(tiny_section(tiny_data, stages={"full": {"steps": 4, "lr": "1e-4"}}))
     assert spec.full.lr == 1e-4      # YAML reads 1e-4 (no dot) as a string
+    section = tiny_section(tiny_data, teacher={"fusion": [{"bi-encoder": "m", "max_length": None},
+                                                          {"run": "bm25", "weight": -0.3}]})
+    section["data"][0]["name"] = 2021
+    assert train_spec_from_dict(section).data[0].name == "2021"
+    with pytest.raises(InputError, match=r"train.teacher.batch_size: expected a whole number >= 1, got 0"):
+        train_spec_from_dict(tiny_section(tiny_data, teacher={"bi-encoder": "m", "batch_size": 0}))
 
 
 def test_a_query_the_qrels_do_not_judge_has_no_labels_and_is_never_held_out(tiny_data):
@@ -677,6 +687,9 @@ def test_a_query_the_qrels_do_not_judge_has_no_labels_and_is_never_held_out(tiny
     trainer = Trainer(train_spec_from_dict(tiny_section(tiny_data)), progress=False, log=lambda message: None)
     train_groups, held_out = trainer.load_data()
     assert [group.qid for group in held_out] in (["q0"], ["q1"]) and len(train_groups) == 3
+    (tiny_data["dir"] / "qrels.txt").write_text("q9 0 p1 3\n")                  # none of its queries judged
+    with pytest.raises(InputError, match="data set 'tiny': held_out 1 needs judged queries"):
+        Trainer(train_spec_from_dict(tiny_section(tiny_data)), progress=False, log=lambda message: None).load_data()
 
 
 def test_the_online_recipe_distils_from_ms_marco_train_and_fails_offline_with_one_line(tmp_path, capsys,

@@ -430,6 +430,7 @@ class Pipeline:
         with self._turns.turn(ends_by, per_turn_s):
             turn_started = time.perf_counter()
             candidates, texts = candidates_and_texts()
+            by_docid = dict(zip(candidates, texts))
             rerank_started = time.perf_counter()
             rerank_budget = deadline_ms = None
             if budget_ms is not None:
@@ -440,7 +441,7 @@ class Pipeline:
                 deadline_ms = max(0.0, min(left, max(share, spare))) if rerank_budget > 0 else 0.0
             if candidates:
                 top = None if top_k is None else min(top_k, len(candidates))
-                result = self._rerank(query, candidates, texts, rerank_budget, top, deadline_ms)
+                result = self._rerank(query, candidates, by_docid, rerank_budget, top, deadline_ms)
                 scores, config, deadline_hit = result.scores, dict(result.stats.config), result.stats.deadline_hit
             else:
                 scores, config, deadline_hit = {}, {}, False
@@ -450,9 +451,9 @@ class Pipeline:
             queued_ms=(turn_started - queued_at) * 1000, rerank_ms=(finished - rerank_started) * 1000,
             budget_ms=budget_ms, rerank_budget_ms=rerank_budget, candidates=len(candidates), config=config,
             deadline_hit=bool(deadline_hit), rerank_deadline_ms=deadline_ms)
-        return scores, dict(zip(candidates, texts)), stats
+        return scores, by_docid, stats
 
-    def _rerank(self, query: str, candidates: dict[str, float], texts: list[str], budget_ms: float | None,
+    def _rerank(self, query: str, candidates: dict[str, float], texts: dict[str, str], budget_ms: float | None,
                 top_k: int | None, deadline_ms: float | None = None):
         """The engine's rerank. With a budget and a profile, the configuration is the best one the profile
         predicts to fit ``(1 - headroom) × budget`` (its 95th percentile), and the deadline is ``deadline_ms``

@@ -246,10 +246,11 @@ def inference_copy(model, dtype: torch.dtype):
 
 
 def _weights_signature(model) -> tuple:
-    # Each tensor's version counter moves with every in-place change (an optimizer step, load_state_dict); a
-    # replaced module (new exit heads) brings new tensors.
-    return tuple((id(tensor), tensor.data_ptr(), tensor._version)
-                 for tensor in itertools.chain(model.parameters(), model.buffers()))
+    # A replaced module (new exit heads) brings new tensors; a tensor's version counter moves with in-place
+    # changes made through autograd (an optimizer step, load_state_dict), its sum with those made through .data.
+    with torch.no_grad():
+        return tuple((id(tensor), tensor.data_ptr(), tensor._version, float(tensor.sum(dtype=torch.float64)))
+                     for tensor in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _tokenizer_lock(tokenizer) -> threading.Lock:
@@ -371,8 +372,8 @@ class Reranker:
                texts: Mapping[str, str] | Sequence[str], budget_ms: float | None = None,
                top_k: int | None = None) -> RerankResult:
         """New scores for ``candidates`` (docid → first-stage score, or docids in first-stage order).
-        ``texts``: docid → passage, or passages in the order of ``candidates`` as given (``zip(candidates,
-        texts)``; the first-stage order is ``trec_order``'s, which may differ on tied scores).
+        ``texts``: docid → passage, or passages in first-stage order (``trec_order``: a mapping of candidates
+        given in another order, e.g. with tied scores, needs a mapping of texts).
         ``budget_ms``: None runs the fixed configuration; a number lets the controller choose (within
         ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the
         cut early exits protect (default 10)."""
@@ -845,15 +846,14 @@ def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[
 
 def _by_docid(candidates: Mapping[str, float] | Sequence[str],
               texts: Mapping[str, str] | Sequence[str]) -> Mapping[str, str] | Sequence[str]:
-    """A list of ``texts`` for a mapping of ``candidates`` as docid → text, in the mapping's own order (which
-    may differ from the first-stage order on tied scores); anything else as it is."""
+    """``texts`` unchanged, unless a list of them could follow either of two orders: a mapping of candidates
+    whose own order is not the first-stage order (``zip(candidates, texts)`` and ``trec_order`` disagree)."""
     if not isinstance(candidates, Mapping) or isinstance(texts, (Mapping, str, bytes)):
         return texts
-    texts = list(texts)
-    if len(texts) != len(candidates):
-        raise InputError(f"{len(texts)} texts for {len(candidates)} candidates; expected one text per candidate, "
-                         f"in the candidates' order")
-    return dict(zip(candidates, texts))
+    if list(candidates) != _first_stage_order(candidates):
+        raise InputError("texts is a list, and the candidates mapping is not in first-stage order (score "
+                         "descending, ties by docid descending): give texts as a mapping docid -> text")
+    return texts
 
 
 def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] | Sequence[str]) -> list[str]:
@@ -869,7 +869,7 @@ def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] 
         texts = list(texts)
         if len(texts) != len(docids):
             raise InputError(f"{len(texts)} texts for {len(docids)} candidates; expected one text per candidate, "
-                             f"in the candidates' order")
+                             f"in first-stage order")
         chosen = texts[:len(reranked)]
     for docid, text in zip(reranked, chosen):
         if not isinstance(text, str):

@@ -107,6 +107,9 @@ class Trainer:
             if data.candidates is not None:
                 runs = [{qid: dict(trec_order(docs)[: data.candidates]) for qid, docs in run.items()} for run in runs]
             judged = [qid for qid in qids if qid in qrels] if qrels else []   # the held-out queries need labels
+            if data.held_out and not judged:
+                raise InputError(f"data set {data.name!r}: held_out {data.held_out} needs judged queries (qrels "
+                                 f"that judge some of its queries)")
             train_qids, held_qids = split_queries(judged, data.held_out, self.spec.seed, f"data set {data.name!r}: ") \
                 if judged else (qids, [])
             train_qids = sorted(set(train_qids) | (set(qids) - set(judged)))
@@ -193,6 +196,10 @@ class Trainer:
         torch.manual_seed(self.spec.seed)
         train, held_out = self.load_data()
         self.checkpoint_dir = self.cache / "checkpoints" / f"{self.fingerprint}-{self._inputs_digest(train, held_out)}"
+        older = sorted(path.name for path in self.checkpoint_dir.parent.glob("*") if "-" not in path.name)
+        if older:
+            self.log(f"{self.checkpoint_dir.parent}: checkpoints {', '.join(older)} predate keys that cover the "
+                     f"training data; they are not reused (delete them to free the space)")
         state = self._read_checkpoint()
         before_exits = self.checkpoint_dir / "before-exits"
         exits_changed = state is not None and state.get("recipe") != self.recipe_fingerprint
@@ -328,8 +335,7 @@ class Trainer:
         configs = self._configs(stage)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.log_dir / f"{stage}.jsonl"
-        kept = [] if not resume or not log_file.is_file() else \
-            [line for line in log_file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start_step]
+        kept = _logged_until(log_file, start_step) if resume else []
         with atomic_write(log_file) as out:    # a resumed stage logs the steps after its checkpoint once
             out.writelines(kept)
         model.train(stage != "exits")   # the exits stage: the frozen network without dropout, the heads with it
@@ -368,8 +374,9 @@ class Trainer:
                 with average.applied() if average is not None else nullcontext():
                     record["held_out_ndcg@10"] = self._full_dev_score(model, held_out)
                     if best is None or record["held_out_ndcg@10"] > best["ndcg"]:
-                        best = {"ndcg": record["held_out_ndcg@10"], "step": done_steps}
-                        save_model(model, self.checkpoint_dir / "best")
+                        best_dir = self._fresh_directory("best-")   # the checkpoint's best stays till the next
+                        save_model(model, best_dir)
+                        best = {"ndcg": record["held_out_ndcg@10"], "step": done_steps, "dir": str(best_dir)}
                 model.train()
             with open(log_file, "a") as out:
                 out.write(json.dumps(record) + "\n")
@@ -384,7 +391,7 @@ class Trainer:
             if best["ndcg"] > final:
                 self.log(f"{stage}: keeping step {best['step']} (held-out nDCG@10 {best['ndcg']:.4f} > {final:.4f} "
                          f"at the end)")
-                _copy_weights(load_model(self.checkpoint_dir / "best"), model)
+                _copy_weights(load_model(best["dir"]), model)
             summary.setdefault("selected_step", {})[stage] = best["step"] if best["ndcg"] > final else stage_spec.steps
         model.eval()
 
@@ -541,8 +548,7 @@ class Trainer:
                           average: WeightAverage | None = None) -> None:
         """Everything a resume reads goes to a fresh directory; then ``state.json``, rewritten in one rename,
         points at it. Interrupted anywhere, the checkpoint is the old one or the new one, whole."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        saved = Path(tempfile.mkdtemp(prefix="state-", dir=self.checkpoint_dir))
+        saved = self._fresh_directory("state-")
         save_model(model, saved / "model")
         if optimizer is not None:
             from safetensors.torch import save_file
@@ -554,9 +560,14 @@ class Trainer:
         with atomic_write(self.checkpoint_dir / "state.json") as out:
             json.dump({**state, "state_dir": str(saved), "model_dir": str(saved / "model"),
                        "recipe": self.recipe_fingerprint}, out)
-        for older in self.checkpoint_dir.glob("state-*"):   # and what interrupted writes left
-            if older != saved:
+        best = (state.get("best") or {}).get("dir")
+        for older in [*self.checkpoint_dir.glob("state-*"), *self.checkpoint_dir.glob("best-*")]:
+            if str(older) not in (str(saved), best):   # older checkpoints', and what interrupted writes left
                 shutil.rmtree(older, ignore_errors=True)
+
+    def _fresh_directory(self, prefix: str) -> Path:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.checkpoint_dir))
 
     def _read_checkpoint(self) -> dict | None:
         path = self.checkpoint_dir / "state.json"
@@ -566,6 +577,18 @@ class Trainer:
         self.log(f"resuming from {self.checkpoint_dir} (done: {state['done']}"
                  + (f", {state['stage']} at step {state['step']}" if state.get("stage") else "") + ")")
         return state
+
+
+def _logged_until(log_file: Path, step: int) -> list[str]:
+    """The lines of a stage's log up to ``step`` (a line an interruption cut short is dropped)."""
+    kept = []
+    for line in log_file.read_text().splitlines(keepends=True) if log_file.is_file() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 def _judged(groups: Sequence[TrainingGroup]) -> dict[str, dict[str, int]]:

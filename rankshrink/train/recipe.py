@@ -216,6 +216,8 @@ def _typed(value: Any, annotation: str, where: str) -> Any:
         raise InputError(f"{where}: expected a whole number, got {value!r}")
     if kind == "bool" and not isinstance(value, bool):
         raise InputError(f"{where}: expected true or false, got {value!r}")
+    if kind == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)    # a name such as 2021, which YAML reads as a number
     if kind == "str" and (not isinstance(value, str) or not value.strip()):
         raise InputError(f"{where}: expected a non-empty string, got {value!r}")
     return value

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -218,7 +219,7 @@ def _split(flat: np.ndarray, groups: Sequence[TrainingGroup]) -> list[np.ndarray
 
 
 _TEACHER_KEYS = {"cross-encoder": {"max_length": int, "batch_size": int},
-                 "bi-encoder": {"scale": float, "batch_size": int, "max_length": int},
+                 "bi-encoder": {"scale": float, "batch_size": int, "max_length": int | None},
                  "sparse-encoder": {"max_length": int, "batch_size": int},
                  "run": {}, "fusion": {}}
 
@@ -244,10 +245,12 @@ def check_teacher_spec(spec: Any, where: str = "teacher", in_fusion: bool = Fals
         elif allowed[key] is str:
             if not isinstance(value, str) or not value:
                 raise InputError(f"{where}.{key}: expected a name or path, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float) if allowed[key] is float else int) \
-                or value < 0:
-            raise InputError(f"{where}.{key}: expected a {'number' if allowed[key] is float else 'whole number'} "
-                             f">= 0, got {value!r}")
+        elif allowed[key] is float:    # a weight or a scale
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{where}.{key}: expected a number, got {value!r}")
+        elif not (value is None and allowed[key] == int | None) and \
+                (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{where}.{key}: expected a whole number >= 1, got {value!r}")
 
 
 def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None = None) -> Teacher:
