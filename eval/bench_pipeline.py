@@ -167,7 +167,7 @@ def no_admission(pipeline, topics, budget: float, threads: int, qrels) -> dict:
     def search(query: str):
         started = time.perf_counter()
         candidates = first_stage.search(query, k=pipeline.candidates)
-        texts = collection.texts(candidates)
+        texts = dict(zip(candidates, collection.texts(candidates)))
         left = max(0.0, budget - (time.perf_counter() - started) * 1000)
         result = reranker.rerank(query, candidates, texts, budget_ms=left, top_k=10)
         return result.ranking()[:10], (time.perf_counter() - started) * 1000, result.stats.deadline_hit

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from rankshrink.data import open_collection, read_run, read_topics, trec_order
+    from rankshrink.data import open_collection, read_run, read_topics
     from rankshrink.model import load_model
     from rankshrink.rerank import Reranker
 
@@ -41,7 +41,7 @@ def child(args: argparse.Namespace) -> None:
     collection = open_collection(args.split / "passages.jsonl")
     qids = [qid for qid in run if qid in topics]
     reranker = Reranker(load_model(args.model), dtype="bf16")
-    texts = {qid: collection.texts([docid for docid, _ in trec_order(run[qid])]) for qid in qids}
+    texts = {qid: dict(zip(run[qid], collection.texts(list(run[qid])))) for qid in qids}
     seconds = reranker.warm_up(topics[qids[-1]], texts[qids[-1]]) if args.child == "warm" else 0.0
     queries = []
     for qid in qids[:-1][:args.queries]:          # never the warm-up's own query
