@@ -147,7 +147,7 @@ def _evaluate(qrels, runs, metrics, rel_level, baseline, stat_test, alpha) -> Ev
         coverage[name] = Coverage(unjudged_run_queries=len(set(run) - judged),
                                   missing_judged_queries=len(judged - set(run)), judged_queries=len(judged))
         ordered = trec_eval_ordered(run)
-        if not any(ordered.values()) and qrels:
+        if not any(ordered.values()):
             # ranx cannot hold a run without a document; one unjudged document scores what no document does: 0
             ordered = {next(iter(qrels)): {_NO_DOCUMENT: 1.0}}
         ranx_run = ranx.Run(ordered, name=name)

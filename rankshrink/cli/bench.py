@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         arm = Arm(budget_ms=args.budget_ms)
     else:
         risk = None if exits is True or exits is False else exits
-        arm = Arm(config=RerankConfig(args.width, args.depth, args.max_length, args.candidates, risk, args.keep,
-                                               args.prune_depth),
-                  model_exits=exits is True)
+        config = RerankConfig(args.width, args.depth, args.max_length, args.candidates, risk, args.keep,
+                              args.prune_depth)
+        arm = Arm(config=config, model_exits=exits is True)
     result = bench(args.model, read_run(args.run), read_topics(args.topics), open_collection(args.collection),
                    read_qrels(args.qrels) if args.qrels else None, arms={"rankshrink": arm}, queries=args.queries,
                    repeats=args.repeats, candidates=args.candidates, max_length=args.max_length, dtype=args.dtype,

@@ -231,8 +231,8 @@ class FrontierPoint:
             return self if config == self.config else replace(self, config=config)
         share = config.candidates / self.config.candidates
 
-        def scaled(ms: float | None) -> float | None:
-            return None if ms is None else self.ms_fixed + (ms - self.ms_fixed) * share
+        def scaled(ms: float) -> float:
+            return self.ms_fixed + (ms - self.ms_fixed) * share
 
         # The measured times scale as the predicted ones, so that the profile's correction stays what it was.
         ratio = scaled(self.ms_p50) / self.ms_p50 if self.ms_p50 > 0 else 1.0

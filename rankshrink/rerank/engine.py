@@ -378,7 +378,8 @@ class Reranker:
         ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the
         cut early exits protect (default 10)."""
         started = time.perf_counter()
-        docids, texts = _first_stage_order(candidates), _by_docid(candidates, texts)
+        docids = _first_stage_order(candidates)
+        _check_texts_order(candidates, docids, texts)
         config, predicted = self.config, None
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
@@ -410,8 +411,9 @@ class Reranker:
         optional deadline in milliseconds from now."""
         started = time.perf_counter()
         config = capped(config, None, self.model.config.max_position_embeddings)   # as the constructor cuts it
-        return self._run(started, query, _first_stage_order(candidates), _by_docid(candidates, texts), config,
-                         top_k, deadline_ms, None)
+        docids = _first_stage_order(candidates)
+        _check_texts_order(candidates, docids, texts)
+        return self._run(started, query, docids, texts, config, top_k, deadline_ms, None)
 
     def warm_up(self, query: str | None = None, passages: Sequence[str] | Mapping[str, str] | None = None,
                 rounds: int = 2, *, fixed: bool = True) -> float:
@@ -844,16 +846,13 @@ def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[
     return docids
 
 
-def _by_docid(candidates: Mapping[str, float] | Sequence[str],
-              texts: Mapping[str, str] | Sequence[str]) -> Mapping[str, str] | Sequence[str]:
-    """``texts`` unchanged, unless a list of them could follow either of two orders: a mapping of candidates
-    whose own order is not the first-stage order (``zip(candidates, texts)`` and ``trec_order`` disagree)."""
-    if not isinstance(candidates, Mapping) or isinstance(texts, (Mapping, str, bytes)):
-        return texts
-    if list(candidates) != _first_stage_order(candidates):
+def _check_texts_order(candidates: Mapping[str, float] | Sequence[str], docids: list[str],
+                       texts: Mapping[str, str] | Sequence[str]) -> None:
+    """Refuse a list of texts that could follow either of two orders: beside a mapping of candidates whose own
+    order is not the first-stage order ``docids`` (``zip(candidates, texts)`` and ``trec_order`` disagree)."""
+    if isinstance(candidates, Mapping) and not isinstance(texts, (Mapping, str, bytes)) and list(candidates) != docids:
         raise InputError("texts is a list, and the candidates mapping is not in first-stage order (score "
                          "descending, ties by docid descending): give texts as a mapping docid -> text")
-    return texts
 
 
 def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] | Sequence[str]) -> list[str]:
