@@ -178,7 +178,7 @@ def check_output_file(path: str | Path | None) -> None:
 
 def check_tag(tag: str) -> str:
     """A TREC run tag: one word (the last column)."""
-    if not isinstance(tag, str) or not tag or any(c.isspace() for c in tag):
+    if not isinstance(tag, str) or not tag or _WHITESPACE.search(tag):
         raise InputError(f"run tag must be one word without spaces, got {tag!r}")
     return tag
 

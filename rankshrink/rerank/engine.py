@@ -378,8 +378,7 @@ class Reranker:
         ``(1 - headroom)`` of it) and holds the call to it (0 returns the first-stage order). ``top_k``: the
         cut early exits protect (default 10)."""
         started = time.perf_counter()
-        docids = _first_stage_order(candidates)
-        _check_texts_order(candidates, docids, texts)
+        docids = _ordered_beside(candidates, texts)
         config, predicted = self.config, None
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
@@ -411,9 +410,7 @@ class Reranker:
         optional deadline in milliseconds from now."""
         started = time.perf_counter()
         config = capped(config, None, self.model.config.max_position_embeddings)   # as the constructor cuts it
-        docids = _first_stage_order(candidates)
-        _check_texts_order(candidates, docids, texts)
-        return self._run(started, query, docids, texts, config, top_k, deadline_ms, None)
+        return self._run(started, query, _ordered_beside(candidates, texts), texts, config, top_k, deadline_ms, None)
 
     def warm_up(self, query: str | None = None, passages: Sequence[str] | Mapping[str, str] | None = None,
                 rounds: int = 2, *, fixed: bool = True) -> float:
@@ -846,13 +843,15 @@ def _first_stage_order(candidates: Mapping[str, float] | Sequence[str]) -> list[
     return docids
 
 
-def _check_texts_order(candidates: Mapping[str, float] | Sequence[str], docids: list[str],
-                       texts: Mapping[str, str] | Sequence[str]) -> None:
-    """Refuse a list of texts that could follow either of two orders: beside a mapping of candidates whose own
-    order is not the first-stage order ``docids`` (``zip(candidates, texts)`` and ``trec_order`` disagree)."""
+def _ordered_beside(candidates: Mapping[str, float] | Sequence[str], texts: Mapping[str, str] | Sequence[str]
+                    ) -> list[str]:
+    """``_first_stage_order`` of ``candidates``, refusing a list of texts that could follow either of two
+    orders: beside a mapping of candidates whose own order is not the first-stage order."""
+    docids = _first_stage_order(candidates)
     if isinstance(candidates, Mapping) and not isinstance(texts, (Mapping, str, bytes)) and list(candidates) != docids:
         raise InputError("texts is a list, and the candidates mapping is not in first-stage order (score "
                          "descending, ties by docid descending): give texts as a mapping docid -> text")
+    return docids
 
 
 def _texts_for(reranked: list[str], docids: list[str], texts: Mapping[str, str] | Sequence[str]) -> list[str]:
