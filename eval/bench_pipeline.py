@@ -202,7 +202,7 @@ def main() -> int:
     warnings.simplefilter("ignore")
     import torch
 
-    from rankshrink.data import read_qrels, read_topics
+    from rankshrink.data import atomic_write, read_qrels, read_topics
     from rankshrink.pipeline import Pipeline
     from rankshrink.rerank.budget import DEFAULT_HEADROOM
 
@@ -216,25 +216,31 @@ def main() -> int:
         print(f"{args.model} has no profile: budgets would only cut the fixed configuration; run rankshrink "
               "profile first", file=sys.stderr)
         return 2
-    for query in list(topics.values())[:5]:   # warm-up: kernels, caches, the engine's speed estimate
-        planned.search(query, k=10, budget_ms=args.budget_ms)
+
+    def warmed(pipeline):   # each pipeline warms up alike: kernels, caches, its engine's speed estimate
+        for query in list(topics.values())[:5]:
+            pipeline.search(query, k=10, budget_ms=args.budget_ms)
+        return pipeline
+
+    warmed(planned)
     started = time.time()
     report = {"command": " ".join(["python", "eval/bench_pipeline.py", *sys.argv[1:]]),
-              "model": args.model, "threads": args.threads, "budget_ms": args.budget_ms, "headroom": args.headroom,
+              "model": args.model, "threads": args.threads, "queries": len(topics), "budget_ms": args.budget_ms,
+              "headroom": args.headroom,
               "load_average_before": round(os.getloadavg()[0], 2),
               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "results": []}
     print(f"admission (concurrency={args.threads}) ...", file=sys.stderr)
     report["results"].append(describe(pipeline_passes(planned, topics, args.budget_ms, args.threads),
                                       args.budget_ms, qrels, f"Pipeline(concurrency={args.threads}): turns, "
                                                               f"fixed share"))
-    alone = Pipeline(model=planned.reranker.source_model, concurrency=1, **common)
+    alone = warmed(Pipeline(model=planned.reranker.source_model, concurrency=1, **common))
     report["alone"] = {"label": "Pipeline(concurrency=1), one caller: the whole budget",
                        "ndcg10": round(ndcg10(qrels, {qid: [h.docid for h in alone.search(q, 10, args.budget_ms)]
                                                       for qid, q in topics.items()}), 4)}
     if args.variants:
         print("adapting to load ...", file=sys.stderr)
-        adaptive = Pipeline(model=planned.reranker.source_model, concurrency=args.threads, adapt_to_load=True,
-                            **common)
+        adaptive = warmed(Pipeline(model=planned.reranker.source_model, concurrency=args.threads,
+                                   adapt_to_load=True, **common))
         report["results"].append(describe(pipeline_passes(adaptive, topics, args.budget_ms, args.threads),
                                           args.budget_ms, qrels, "turns, fixed share, adapt_to_load=True"))
         print("turns without a fixed share (concurrency=1, 4 callers) ...", file=sys.stderr)
@@ -247,14 +253,17 @@ def main() -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        args.json.write_text(text + "\n")
+        with atomic_write(args.json) as out:
+            out.write(text + "\n")
     if args.markdown:
-        args.markdown.write_text(markdown(report))
+        with atomic_write(args.markdown) as out:
+            out.write(markdown(report))
     return 0
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Concurrent search under a budget: {report['threads']} threads × 43 dl19 queries", "",
+    queries = report.get("queries", 43)   # reports before the key: the 43 dl19 queries
+    lines = [f"# Concurrent search under a budget: {report['threads']} threads × {queries} dl19 queries", "",
              "```", report["command"], "```", "",
              f"Model `{report['model']}`, budget {report['budget_ms']:g} ms per search (first stage, texts, "
              f"queueing and rerank), headroom {report['headroom']:g}, {report['cpus']} CPUs, torch "

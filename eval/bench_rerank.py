@@ -133,7 +133,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=130)
+    with atomic_write(path, "wb") as out:
+        figure.savefig(out, format="png", dpi=130)
 
 
 def main() -> int:

@@ -34,6 +34,17 @@ def test_the_peer_loads_a_model_directory_with_one_label_and_scores_as_the_model
         assert torch.allclose(peer_scores(peer, query, PASSAGES), expected, atol=1e-5, rtol=0)
 
 
+def test_the_peer_runs_in_fp32_when_the_checkpoint_was_saved_in_bf16(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    files = Files(tmp_path, queries=1)
+    saved = tmp_path / "bf16"
+    AutoModelForSequenceClassification.from_pretrained(files.root / "hf").to(torch.bfloat16).save_pretrained(saved)
+    AutoTokenizer.from_pretrained(files.root / "hf").save_pretrained(saved)
+    peer = load_peer(saved, max_length=48)
+    assert {parameter.dtype for parameter in peer.model.parameters()} == {torch.float32}
+
+
 def test_the_peer_scores_minilm_as_the_model_does(shared, tmp_path):
     from rankshrink.data import open_collection, read_run, read_topics, trec_order
 

@@ -210,6 +210,14 @@ def test_controller_picks_the_best_point_that_fits_and_the_cheapest_when_none_do
         Controller.from_profile({"frontier": [{"width": 1.0}]})
 
 
+def test_when_no_rung_fits_the_one_predicted_cheapest_after_its_correction_is_chosen():
+    ran_slow = replace(point(10, 0.4), measured_ms_p50=20.0)     # the profile timed it at twice the model
+    ran_fast = replace(point(12, 0.5), measured_ms_p50=6.0)      # and this one at half
+    controller = Controller([ran_slow, ran_fast])
+    assert controller.choose(5, candidates=100).ndcg == 0.5
+    assert controller.choose(13, candidates=100).ndcg == 0.5    # it fits; the other does not
+
+
 def test_a_profiled_timing_corrects_the_prediction_of_its_configuration(tiny):
     cheap = point(10, 0.5)
     slow = replace(point(50, 0.6), measured_ms_p50=100.0, measured_ms_p95=130.0)     # ran twice as long

@@ -147,6 +147,18 @@ def test_a_run_query_without_topic_is_a_one_line_error(files, tmp_path, capsys):
     code = main(files.rerank_args(tmp_path / "x.trec"))
     err = capsys.readouterr().err
     assert code == 2 and "has no topic" in err and len(err.strip().splitlines()) == 1
+    assert str(files.run) in err and str(files.topics) in err
+    assert not (tmp_path / "x.trec").exists()
+
+
+def test_a_run_docid_without_text_names_the_run_query_and_collection(files, tmp_path, capsys):
+    gone = next(iter(next(iter(files.first_stage.values()))))
+    kept = [line for line in files.collection.read_text().splitlines() if json.loads(line)["id"] != gone]
+    files.collection.write_text("\n".join(kept) + "\n")
+    code = main(files.rerank_args(tmp_path / "x.trec"))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"docid {gone!r} not found in collection" in err and str(files.run) in err and str(files.collection) in err
     assert not (tmp_path / "x.trec").exists()
 
 

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     first_stage = read_run(args.run)
     topics = read_topics(args.topics)
     collection = open_collection(args.collection)
+    _check_run_covered(first_stage, topics, collection, args)
     reranker = open_reranker(args)
     reranked, stats = reranker.rerank_run(first_stage, topics, collection, budget_ms=args.budget_ms,
                                           progress=not args.quiet, top_k=args.top_k)
@@ -110,3 +111,14 @@ def run(args: argparse.Namespace) -> int:
           f"p95 {summary['latency_ms_p95']:.1f} ms per query{budget}; mean layers per passage "
           f"{summary['mean_layers']:.2f} -> {args.output}", file=sys.stderr if args.quiet else sys.stdout)
     return 0
+
+
+def _check_run_covered(first_stage, topics, collection, args: argparse.Namespace) -> None:
+    """Before any work: every query of the run has a topic and every docid a text; the error names the files."""
+    for qid, candidates in first_stage.items():
+        if qid not in topics:
+            raise InputError(f"{args.run}: query {qid!r} has no topic in {args.topics}")
+        for docid in candidates:
+            if docid not in collection:
+                raise InputError(f"{args.run}: query {qid!r}: docid {docid!r} not found in collection "
+                                 f"{args.collection}")

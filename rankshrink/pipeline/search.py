@@ -190,7 +190,8 @@ class Pipeline:
     own candidates.
 
     ``index`` is a Lucene index directory or Pyserini prebuilt name (``first_stage="bm25"``, the default), or
-    any first-stage object with ``search(query, k)`` (``BM25``, ``DenseSearcher``, ``HybridSearcher``).
+    any first-stage object with ``search(query, k)`` (``BM25``, ``DenseSearcher``, ``HybridSearcher``), given as
+    ``index`` or as ``first_stage``.
     ``dense_index`` is the faiss index for ``"dense"`` and ``"hybrid"``. ``model`` is a model directory or
     hub id, a loaded ``DynamicCrossEncoder``, or a ``rankshrink.rerank.Reranker``; without a model, hits are
     the first stage's. Passage texts come from ``collection`` (a JSONL/TSV file or ir_datasets id) when
@@ -213,7 +214,7 @@ class Pipeline:
     """
 
     def __init__(self, index: Any = None, model: Any = None, *, candidates: int = 100,
-                 first_stage: FirstStageKind = "bm25", dense_index: str | Path | None = None,
+                 first_stage: FirstStageKind | Any = "bm25", dense_index: str | Path | None = None,
                  collection: str | Path | Collection | None = None, width: float = 1.0, depth: float = 1.0,
                  max_length: int = 256, exits: bool = True, dtype: Dtype = "auto", budget_ms: float | None = None,
                  concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, headroom: float = DEFAULT_HEADROOM,
@@ -474,7 +475,15 @@ class Pipeline:
 # Helpers
 
 
-def _open_first_stage(index: Any, kind: str, dense_index: Any, options: dict):
+def _open_first_stage(index: Any, kind: Any, dense_index: Any, options: dict):
+    if not isinstance(kind, str):
+        if not hasattr(kind, "search"):
+            raise InputError(f"first_stage must be 'bm25', 'dense', 'hybrid' or an object with search(query, k), "
+                             f"got {kind!r}")
+        if index is not None or dense_index is not None or options:
+            raise InputError("first_stage= is already a first-stage object; index=, dense_index= and BM25/fusion "
+                             "options apply only to a named first stage")
+        return kind
     if index is not None and hasattr(index, "search") and not isinstance(index, (str, Path)):
         if dense_index is not None or options:
             raise InputError("index= is already a first-stage object; dense_index= and BM25/fusion options "

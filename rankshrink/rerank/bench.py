@@ -108,6 +108,7 @@ def load_peer(model_dir: str | os.PathLike, max_length: int):
                          f"model.safetensors); a rankshrink model directory is one")
     _require_classifier(directory)
     peer = CrossEncoder(str(directory), device="cpu", max_length=max_length)
+    peer.model.float()   # transformers loads a bf16 checkpoint as bf16; the peer is fp32 whatever was saved
     if peer.model.config.num_labels != 1:
         raise InputError(f"{directory}: the peer loads {peer.model.config.num_labels} labels; a ranking "
                          f"cross-encoder has one")

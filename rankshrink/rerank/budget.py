@@ -353,14 +353,14 @@ class Controller:
     def choose(self, budget_ms: float, candidates: int, load: float = 1.0,
                max_candidates: int | None = None, max_length: int | None = None) -> FrontierPoint:
         """The best rung whose predicted p95 (``FrontierPoint.predicted_p95``) × ``load`` fits ``budget_ms``
-        for a query of ``candidates`` candidates; the cheapest rung when none fits. ``max_candidates`` /
-        ``max_length`` cap every rung's configuration, and its prediction with it (the caller's limits)."""
+        for a query of ``candidates`` candidates; the rung predicted cheapest when none fits (the profile's
+        corrections can make it another than the first). ``max_candidates`` / ``max_length`` cap every rung's
+        configuration, and its prediction with it (the caller's limits)."""
         rungs = [point.capped_to(max_candidates, max_length) for point in self.rungs]
-        chosen = rungs[0]
-        for point in rungs:
-            if point.predicted_p95(candidates) * load <= budget_ms:
-                chosen = point
-        return chosen
+        fitting = [point for point in rungs if point.predicted_p95(candidates) * load <= budget_ms]
+        if fitting:
+            return fitting[-1]
+        return min(rungs, key=lambda point: point.predicted_p95(candidates))
 
     def correction(self, config: RerankConfig) -> float:
         """``FrontierPoint.correction`` of the timed rung or frontier point that runs ``config``; for a
