@@ -85,6 +85,27 @@ def test_bench_times_both_sides_and_reports_both_ndcgs(tmp_path):
         assert [d for d, _ in trec_order(docs)] == [d for d, _ in trec_order(files.first_stage[qid])]
 
 
+def test_each_arm_has_an_engine_of_its_own(tmp_path, monkeypatch):
+    """A budget arm's load estimate follows its own calls only: a fixed arm's (a configuration the profile
+    never timed, mispredicted) would move the budget arm's choices, as it never could in a serving process."""
+    from rankshrink.rerank.engine import Reranker
+
+    files = Files(tmp_path, queries=2)
+    calls: dict[int, set] = {}
+    real = Reranker._run
+
+    def recording(self, started, query, docids, texts, config, top_k, budget_ms, predicted, observe=True):
+        calls.setdefault(id(self), set()).add("fixed" if budget_ms is None else "budget")
+        return real(self, started, query, docids, texts, config, top_k, budget_ms, predicted, observe)
+
+    monkeypatch.setattr(Reranker, "_run", recording)
+    arms = {"full": Arm(config=RerankConfig(1.0, 1.0, 48, 30, None)), "budget": Arm(budget_ms=50),
+            "half": Arm(config=RerankConfig(0.5, 1.0, 48, 30, None))}
+    bench(files.model, files.first_stage, files.topics_map, files.passages, arms=arms, repeats=1, candidates=30,
+          max_length=48, dtype="fp32", threads=1, progress=False)
+    assert sorted(sorted(kinds) for kinds in calls.values()) == [["budget"], ["fixed"], ["fixed"]]
+
+
 def test_bench_json_has_the_contract_keys(tmp_path, capsys):
     files = Files(tmp_path, queries=2)
     assert main(["bench", "--run", str(files.run), "--topics", str(files.topics), "--collection",

@@ -19,7 +19,7 @@ from rankshrink.model import save_model
 from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
 from rankshrink.rerank.budget import does_at_least, nested_ladder, pareto_frontier
 from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
-from rankshrink.rerank.profiling import (_time, agreement_qrels, dev_queries, profile, save_profile, simulate,
+from rankshrink.rerank.profiling import (_time, _trace, agreement_qrels, dev_queries, profile, save_profile, simulate,
                                          simulate_cascade)
 from test_engine import candidates_and_texts, with_margins
 from test_model_fixtures import WORDS, spread_scores, tiny_dir  # noqa: F401 - a fixture
@@ -218,6 +218,16 @@ def test_when_no_rung_fits_the_one_predicted_cheapest_after_its_correction_is_ch
     assert controller.choose(13, candidates=100).ndcg == 0.5    # it fits; the other does not
 
 
+def test_the_cheapest_point_within_a_drop_is_cheapest_after_its_correction():
+    ran_slow = replace(point(50, 0.60), measured_ms_p50=100.0)    # first by the cost model, twice as dear timed
+    ran_fast = replace(point(60, 0.61), measured_ms_p50=60.0)
+    ladder_only = replace(point(55, 0.605), measured_ms_p50=55.0)
+    controller = Controller([point(10, 0.5), ran_slow, ran_fast, point(200, 0.62)], ladder=[ladder_only])
+    assert controller.cheapest_within(0.62, 0.02) == ladder_only
+    assert Controller([point(10, 0.5), ran_slow, ran_fast, point(200, 0.62)]).cheapest_within(0.62, 0.02) == ran_fast
+    assert controller.cheapest_within(0.62, 0.0).ndcg == 0.62 and controller.cheapest_within(0.9, 0.01) is None
+
+
 def test_a_profiled_timing_corrects_the_prediction_of_its_configuration(tiny):
     cheap = point(10, 0.5)
     slow = replace(point(50, 0.6), measured_ms_p50=100.0, measured_ms_p95=130.0)     # ran twice as long
@@ -313,8 +323,28 @@ def test_profile_times_every_configuration_on_one_query_before_the_next(tiny, mo
                      3, samples, progress=False)
     first, second = timing[0].query, timing[1].query
     assert first != second
-    assert timed == [(first, small), (first, large), (second, small), (second, large)]
+    # each configuration first reranks the first query untimed (a first call builds its kernels)
+    assert timed == [(first, small), (first, large)] * 2 + [(second, small), (second, large)]
     assert {config: len(times) for config, times in measured.items()} == {small: 2, large: 2} and len(samples) == 4
+
+
+def test_tracing_runs_each_configuration_once_untimed_first(tiny, monkeypatch):
+    """A configuration's first call builds its kernels: timed, it would be an outlier the cost model fits."""
+    traced = []
+    real = Reranker.trace
+
+    def recording(self, query, texts, config):
+        traced.append((query, config.width))
+        return real(self, query, texts, config)
+
+    monkeypatch.setattr(Reranker, "trace", recording)
+    run, topics, collection, qrels = tiny_dev()
+    dev = dev_queries(run, topics, collection, qrels, candidates=10, queries=2)
+    traces, samples = _trace(Reranker(tiny, exits=False, dtype="fp32", profile={}), dev,
+                             [(0.5, 1.0, 16), (1.0, 1.0, 16)], 10, progress=False)
+    first, second = dev[0].query, dev[1].query
+    assert traced == [(first, 0.5), (first, 0.5), (second, 0.5), (first, 1.0), (first, 1.0), (second, 1.0)]
+    assert len(samples) == 4 and [len(t) for t in traces.values()] == [2, 2]
 
 
 def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):

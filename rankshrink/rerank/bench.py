@@ -159,11 +159,10 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
     if threads is None:   # as the model was profiled (its cost model holds for that), else as the peer
         threads = (model.metadata.get("profile") or {}).get("threads") or peer_threads
     reranker = Reranker(model, max_length=max_length, candidates=candidates, exits=False, dtype=dtype)
-    rerankers = {None: reranker}
-    for arm in arms.values():
-        if arm.dtype not in rerankers:
-            rerankers[arm.dtype] = Reranker(model, max_length=max_length, candidates=candidates, exits=False,
-                                            dtype=arm.dtype)
+    # One engine per arm, as one serving process each: an engine's load estimate follows its own calls, and
+    # another arm's (a fixed configuration the profile never timed) would move the budget arms' choices.
+    engines = {name: Reranker(model, max_length=max_length, candidates=candidates, exits=False,
+                              dtype=dtype if arm.dtype is None else arm.dtype) for name, arm in arms.items()}
     inputs = {}
     for qid in qids:
         ordered = [docid for docid, _ in trec_order(run[qid])]
@@ -171,9 +170,9 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
         texts = collection.texts(top) if hasattr(collection, "texts") else [collection[d] for d in top]
         inputs[qid] = (ordered, top, texts)
 
-    def run_arm(arm: Arm, qid: str, top: list[str], texts: list[str]):
+    def run_arm(name: str, qid: str, top: list[str], texts: list[str]):
+        arm, engine = arms[name], engines[name]
         torch.set_num_threads(arm.threads or threads)
-        engine = rerankers[arm.dtype]
         if arm.config is None:
             return engine.rerank(topics[qid], top, texts, budget_ms=arm.budget_ms, top_k=top_k)
         config = arm.config
@@ -185,10 +184,11 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
     ordered, top, texts = inputs[qids[0]]
     torch.set_num_threads(peer_threads)
     peer.predict([(topics[qids[0]], text) for text in texts], batch_size=peer_batch_size, show_progress_bar=False)
-    for arm in arms.values():
-        run_arm(arm, qids[0], top, texts)
-    for engine in {rerankers[arm.dtype] for arm in arms.values() if arm.budget_ms}:   # as rerank_run does
-        engine.warm_up(topics[qids[0]], texts, fixed=False)
+    for name, arm in arms.items():
+        run_arm(name, qids[0], top, texts)
+        if arm.budget_ms:   # as rerank_run does
+            torch.set_num_threads(arm.threads or threads)
+            engines[name].warm_up(topics[qids[0]], texts, fixed=False)
 
     sides = [PEER, *arms]
     latencies: dict[str, list[float]] = {side: [] for side in sides}
@@ -216,7 +216,7 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
                         timed[side] = (time.perf_counter() - started) * 1000
                         runs[side][repeat][qid] = assemble(ordered, [float(s) for s in scores])
                     else:
-                        result = run_arm(arms[side], qid, top, texts)
+                        result = run_arm(side, qid, top, texts)
                         timed[side] = result.stats.latency_ms
                         scores = result.scores
                         floor = min(scores.values(), default=0.0)

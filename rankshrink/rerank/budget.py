@@ -375,8 +375,8 @@ class Controller:
         return 1.0 if closest is None else closest.correction
 
     def cheapest_within(self, ndcg: float, drop: float) -> FrontierPoint | None:
-        """The cheapest frontier point whose dev nDCG@10 is at least ``ndcg - drop`` (None if none is)."""
-        for point in self.frontier:
-            if point.ndcg >= ndcg - drop:
-                return point
-        return None
+        """Of the frontier's and the ladder's points whose dev nDCG@10 is at least ``ndcg - drop``, the one
+        predicted cheapest after the profile's correction (``predicted_p95``; None if none is)."""
+        within = [point for point in self.frontier + (self.ladder or []) if point.ndcg >= ndcg - drop]
+        return min(within, key=lambda point: (point.predicted_p95(point.config.candidates), -point.ndcg),
+                   default=None)
