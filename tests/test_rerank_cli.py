@@ -162,6 +162,17 @@ def test_a_run_docid_without_text_names_the_run_query_and_collection(files, tmp_
     assert not (tmp_path / "x.trec").exists()
 
 
+def test_candidates_past_those_reranked_need_no_text(files, tmp_path):
+    """A deep run (BM25 top 1000) reranked at its top 20 needs the texts of those 20 only."""
+    unreranked = {docid for docs in files.first_stage.values() for docid, _ in trec_order(docs)[20:]}
+    kept = [line for line in files.collection.read_text().splitlines() if json.loads(line)["id"] not in unreranked]
+    files.collection.write_text("\n".join(kept) + "\n")
+    output = tmp_path / "x.trec"
+    assert main(files.rerank_args(output, "--candidates", "20")) == 0
+    assert {qid: set(docs) for qid, docs in read_run(output).items()} == \
+        {qid: set(docs) for qid, docs in files.first_stage.items()}
+
+
 @pytest.mark.parametrize("command, extra, message", [
     ("rerank", ["--tag", "my run"], "run tag must be one word without spaces, got 'my run'"),
     ("rerank", ["--stats", "."], ".: is a directory; give the path of a file to write"),

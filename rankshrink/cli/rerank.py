@@ -114,11 +114,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_run_covered(first_stage, topics, collection, args: argparse.Namespace) -> None:
-    """Before any work: every query of the run has a topic and every docid a text; the error names the files."""
+    """Before any work: every query of the run has a topic and each of its first ``--candidates`` (those
+    reranked; the rest need no text) a passage; the error names the files."""
+    from ..data import trec_order
+
     for qid, candidates in first_stage.items():
         if qid not in topics:
             raise InputError(f"{args.run}: query {qid!r} has no topic in {args.topics}")
-        for docid in candidates:
+        for docid, _ in trec_order(candidates)[:args.candidates]:
             if docid not in collection:
                 raise InputError(f"{args.run}: query {qid!r}: docid {docid!r} not found in collection "
                                  f"{args.collection}")
