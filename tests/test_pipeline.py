@@ -210,23 +210,19 @@ def test_bad_construction_raises_input_errors(tiny_world):
         Pipeline(index=tiny_world.index).rerank("cat", ["a cat"])
 
 
-def test_a_first_stage_object_can_be_passed_as_the_index(tiny_world, pipeline):
+@pytest.mark.parametrize("keyword", ["index", "first_stage"])
+def test_a_first_stage_object_can_be_passed_as_the_index_or_the_first_stage(tiny_world, pipeline, keyword):
     searcher = BM25(tiny_world.index)
-    given = Pipeline(index=searcher, model=pipeline.reranker.model, collection=tiny_world.collection,
+    given = Pipeline(**{keyword: searcher}, model=pipeline.reranker.model, collection=tiny_world.collection,
                      candidates=20, max_length=64, dtype="fp32", exits=False)
     assert given.first_stage is searcher
     assert given.search(TOPICS["q3"], k=5) == pipeline.search(TOPICS["q3"], k=5)
     with pytest.raises(InputError, match="already a first-stage object"):
-        Pipeline(index=searcher, k1=1.2)
+        Pipeline(**{keyword: searcher}, k1=1.2)
 
 
-def test_a_first_stage_object_can_be_passed_as_the_first_stage(tiny_world, pipeline):
-    searcher = BM25(tiny_world.index)
-    given = Pipeline(first_stage=searcher, model=pipeline.reranker.model, collection=tiny_world.collection,
-                     candidates=20, max_length=64, dtype="fp32", exits=False)
-    assert given.first_stage is searcher
-    assert given.search(TOPICS["q3"], k=5) == pipeline.search(TOPICS["q3"], k=5)
+def test_a_first_stage_object_is_the_whole_first_stage(tiny_world):
     with pytest.raises(InputError, match="first_stage= is already a first-stage object"):
-        Pipeline(first_stage=searcher, index=tiny_world.index)
+        Pipeline(first_stage=BM25(tiny_world.index), index=tiny_world.index)
     with pytest.raises(InputError, match="an object with search"):
         Pipeline(first_stage=42)
