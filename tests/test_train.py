@@ -305,6 +305,9 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     assert len(list((tiny_data["dir"] / "cache" / "checkpoints").glob("*/reference/rankshrink.json"))) == 1
     second = train(tiny_section(tiny_data, output=str(tiny_data["dir"] / "again"), cache=str(tiny_data["dir"] / "c2")))
     assert all(torch.equal(first[name], second[name]) for name in first)
+    digest = training["inputs_digest"]
+    assert digest == load_model(tiny_data["dir"] / "again").metadata["training"]["inputs_digest"]
+    assert [path.name.split("-")[-1] for path in (tiny_data["dir"] / "cache" / "checkpoints").iterdir()] == [digest]
     base = load_model(tiny_data["base"]).state_dict()
     assert not torch.equal(first["layers.0.ffn.up.bias"], base["layers.0.ffn.up.bias"])
 

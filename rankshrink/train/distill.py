@@ -195,7 +195,8 @@ class Trainer:
         started = time.time()
         torch.manual_seed(self.spec.seed)
         train, held_out = self.load_data()
-        self.checkpoint_dir = self.cache / "checkpoints" / f"{self.fingerprint}-{self._inputs_digest(train, held_out)}"
+        inputs_digest = self._inputs_digest(train, held_out)
+        self.checkpoint_dir = self.cache / "checkpoints" / f"{self.fingerprint}-{inputs_digest}"
         older = sorted(path.name for path in self.checkpoint_dir.parent.glob("*") if "-" not in path.name)
         if older:
             self.log(f"{self.checkpoint_dir.parent}: checkpoints {', '.join(older)} predate keys that cover the "
@@ -245,6 +246,9 @@ class Trainer:
             "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth", "exits")},
             "exit_pooling": model.config.exit_pooling,
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
+            # Two runs of one recipe that differ here saw different lists or teacher scores; that agree, trained
+            # differently from the same inputs.
+            "inputs_digest": inputs_digest,
             "train_queries": len(train), "held_out_queries": len(held_out),
             "elapsed_s_this_run": round(time.time() - started, 1),
         }
