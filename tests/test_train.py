@@ -245,6 +245,86 @@ def test_a_sparse_encoder_teacher_scores_with_splade_term_weights(tiny_data):
     assert groups[sky].docids[int(np.argmax(scores[sky]))] == "p1"   # "why is the sky blue": "the sky is blue ..."
 
 
+SCORE_WITH_HUB_TEACHERS = """
+import json, sys
+from rankshrink.data import Collection, read_run, read_topics
+from rankshrink.train import build_groups
+from rankshrink.train.teacher import score_groups, teacher_from_spec
+data, cache = sys.argv[1], sys.argv[2]
+groups = build_groups(read_topics(data + "/topics.tsv"), [read_run(data + "/bm25.trec")],
+                      Collection(data + "/passages.jsonl"), source="tiny")
+for spec in json.loads(sys.argv[3]):
+    teacher = teacher_from_spec(spec)
+    score_groups(teacher, groups, cache)
+    print(json.dumps({"identity": teacher.identity(), "scores": [group.teacher.tolist() for group in groups]}))
+"""
+
+
+def put_in_hub_cache(hub: Path, repo_id: str, commit: str, files: Path) -> None:
+    """A commit of a hub model as the Hugging Face cache holds what was downloaded: its files under
+    snapshots/<commit>/, and refs/main naming that commit."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    for file in files.iterdir():
+        (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+        (repo / "snapshots" / commit / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_teacher_is_keyed_by_the_commit_it_scores_with(tiny_data, tmp_path):
+    """A hub id's cached scores belong to one commit: when main moves on, the lists are scored again by the new
+    commit; a pinned revision reads its own commit's scores. Offline, through a local Hugging Face cache (as a
+    user without network who downloaded the teacher earlier), in a fresh process, since huggingface_hub and
+    transformers read the cache's location when imported."""
+    import os
+
+    from rankshrink.data import read_run, read_topics
+    from rankshrink.train.teacher import CrossEncoderTeacher
+
+    first, second = "a" * 40, "b" * 40
+    tiny_hf_cross_encoder(tmp_path / "commit-a", seed=1)
+    tiny_hf_cross_encoder(tmp_path / "commit-b", seed=2)
+    hub, cache = tmp_path / "hub", tmp_path / "teacher-cache"
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def score(*specs):
+        done = subprocess.run([sys.executable, "-c", SCORE_WITH_HUB_TEACHERS, str(tiny_data["dir"]), str(cache),
+                               json.dumps(specs)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+    groups = build_groups(read_topics(tiny_data["dir"] / "topics.tsv"), [read_run(tiny_data["runs"]["bm25"])],
+                          Collection(tiny_data["dir"] / "passages.jsonl"), source="tiny")
+    expected = {commit: CrossEncoderTeacher(str(tmp_path / f"commit-{name}"), max_length=32).score(groups)
+                for commit, name in ((first, "a"), (second, "b"))}
+
+    def scored_by(result, commit):
+        return all(np.allclose(got, want, atol=1e-5) for got, want in zip(result["scores"], expected[commit]))
+
+    put_in_hub_cache(hub, "owner/tiny-teacher", first, tmp_path / "commit-a")
+    (at_first,) = score({"cross-encoder": "owner/tiny-teacher", "max_length": 32})
+    assert at_first["identity"]["revision"] == first and scored_by(at_first, first)
+    assert not scored_by(at_first, second)
+    (cached_first,) = cache.iterdir()
+    written = cached_first.stat().st_mtime_ns
+
+    put_in_hub_cache(hub, "owner/tiny-teacher", second, tmp_path / "commit-b")   # main moves on
+    moved, pinned = score({"cross-encoder": "owner/tiny-teacher", "max_length": 32},
+                          {"cross-encoder": "owner/tiny-teacher", "max_length": 32, "revision": first})
+    assert moved["identity"]["revision"] == second and scored_by(moved, second)
+    assert pinned["identity"]["revision"] == first and scored_by(pinned, first)
+    assert len(list(cache.iterdir())) == 2 and cached_first.stat().st_mtime_ns == written   # read, not rescored
+
+
+def test_a_teacher_that_is_neither_a_directory_nor_on_the_hub_is_named():
+    with pytest.raises(InputError, match="teacher no-such-owner/no-such-teacher: not a local directory"):
+        teacher_from_spec({"cross-encoder": "no-such-owner/no-such-teacher"}).identity()   # tests run offline
+    with pytest.raises(InputError, match="a revision .* names a commit of a hub id, not of a local directory"):
+        teacher_from_spec({"bi-encoder": str(shared_path("models", "all-MiniLM-L6-v2")), "revision": "main"}).identity()
+    with pytest.raises(InputError, match=r"teacher.revision: expected a name, path or revision"):
+        teacher_from_spec({"cross-encoder": "owner/model", "revision": ""})
+
+
 @pytest.mark.parametrize("change, message", [
     ({"base": None}, "missing required key 'base'"),
     ({"unknown": 1}, r"unknown key\(s\) \['unknown'\]"),

@@ -261,7 +261,7 @@ class Trainer:
         candidates, passages, labels, teacher scores). A data file or a teacher changed in place then starts
         new checkpoints instead of resuming ones made from the old."""
         base = model_fingerprint(self.spec.base)
-        digest = hashlib.sha256(base.get("files_sha256", base["model"]).encode())
+        digest = hashlib.sha256((base.get("files_sha256") or f"{base['model']}@{base['revision']}").encode())
         for group in [*train, *held_out]:
             digest.update(json.dumps([group.key, group.query, group.docids, group.texts, group.labels]).encode())
             if group.teacher is not None:

@@ -26,6 +26,7 @@
           search: {k: 24}                                  # no index: the collection is indexed into the cache
           teacher: {sparse-encoder: ../shared/models/splade-tiny-msmarco}   # optional: this data set's own
       teacher:                                   # cross-encoder | bi-encoder | sparse-encoder | run | fusion
+                                                 # (a hub id may add revision: a branch, tag or commit)
         fusion:
           - {bi-encoder: ../shared/models/all-MiniLM-L6-v2, weight: 1.0}
           - {run: splade-pp-ed, weight: 1.0}

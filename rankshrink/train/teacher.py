@@ -11,8 +11,8 @@
 - ``FusionTeacher``: a weighted sum of other teachers' scores, each z-normalised within the query — how
   the offline recipe combines the bi-encoder with the shipped first-stage runs.
 
-Scores are cached as JSON under ``cache_dir``: one file per teacher identity (model name and a hash of the
-files of its directory, or run files' hashes), holding each list's scores keyed by what the list is (data set,
+Scores are cached as JSON under ``cache_dir``: one file per teacher identity (a local model's path and a hash
+of the files of its directory; a hub id and the commit its revision resolves to; or run files' hashes), holding each list's scores keyed by what the list is (data set,
 qid, query, candidates and their texts). A rerun of a recipe does not rescore; adding a data set makes a model
 only score its lists (a run part, whose identity covers every data set's run file, reads them all again); a
 fusion caches each part on its own, so changing a weight or a run rescores no model.
@@ -49,12 +49,16 @@ class Teacher(ABC):
         """One float32 array per group, aligned with its candidates."""
 
 
-def model_fingerprint(name_or_path: str) -> dict[str, str]:
+def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[str, str]:
     """A local model directory is named by its path and a hash of every file in it (weights, configs, pooling
-    and dense modules, tokenizer); a hub id by the id."""
+    and dense modules, tokenizer); a hub id by the id and the commit ``revision`` (default: main) resolves to
+    now, so that a repository that moves on is scored again, not read from an older commit's cache."""
     path = Path(name_or_path)
     if not path.exists():
-        return {"model": name_or_path}
+        return {"model": name_or_path, "revision": hub_commit(name_or_path, revision)}
+    if revision is not None:
+        raise InputError(f"teacher {name_or_path}: a revision ({revision!r}) names a commit of a hub id, "
+                         f"not of a local directory")
     digest = hashlib.sha256()
     files = sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file())
     for name in (f for f in files if not any(part.startswith(".") for part in f.parts)):   # not .cache/ etc.
@@ -65,36 +69,72 @@ def model_fingerprint(name_or_path: str) -> dict[str, str]:
     return {"model": str(path.resolve()), "files_sha256": digest.hexdigest()}
 
 
-class CrossEncoderTeacher(Teacher):
-    def __init__(self, model: str, max_length: int = 256, batch_size: int = 32):
-        self.model_name, self.max_length, self.batch_size = model, max_length, batch_size
+def hub_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit a hub model's ``revision`` (a branch, tag or commit; default: main) resolves to: asked of the
+    hub when online, read from the local Hugging Face cache when not."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = hf_hub_download(repo_id, "config.json", revision=revision)
+    except Exception as error:  # offline and not cached, unknown id, gated repo: one message for all
+        raise InputError(f"teacher {repo_id}: not a local directory, and resolving it on the Hugging Face hub "
+                         f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+                         ) from error
+    return Path(config).parent.name   # the cache keeps every file of a commit under snapshots/<commit>/
+
+
+class ModelTeacher(Teacher):
+    """A teacher that loads a model: a local directory, or a hub id at ``revision``. Its scores come from the
+    commit its cache key names (``fingerprint``)."""
+
+    def __init__(self, model: str, revision: str | None = None):
+        self.model_name, self.revision = model, revision
+        self._fingerprint: dict[str, str] | None = None
+
+    def fingerprint(self) -> dict[str, str]:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model_name, self.revision)
+        return self._fingerprint
+
+    def load_options(self) -> dict[str, str]:
+        """What sentence-transformers' loaders need to read the fingerprinted files: a hub id's commit."""
+        commit = self.fingerprint().get("revision")
+        return {} if commit is None else {"revision": commit}
+
+
+class CrossEncoderTeacher(ModelTeacher):
+    def __init__(self, model: str, max_length: int = 256, batch_size: int = 32, revision: str | None = None):
+        super().__init__(model, revision)
+        self.max_length, self.batch_size = max_length, batch_size
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "cross-encoder", "max_length": self.max_length, **model_fingerprint(self.model_name)}
+        return {"kind": "cross-encoder", "max_length": self.max_length, **self.fingerprint()}
 
     def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
         import torch
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(self.model_name, max_length=self.max_length, activation_fn=torch.nn.Identity())
+        model = CrossEncoder(self.model_name, max_length=self.max_length, activation_fn=torch.nn.Identity(),
+                             **self.load_options())
         pairs = [(group.query, text) for group in groups for text in group.texts]
         scores = model.predict(pairs, batch_size=self.batch_size, show_progress_bar=True,
                                activation_fn=torch.nn.Identity())
         return _split(np.asarray(scores, dtype=np.float32).reshape(-1), groups)
 
 
-class BiEncoderTeacher(Teacher):
-    def __init__(self, model: str, scale: float = 20.0, batch_size: int = 64, max_length: int | None = None):
-        self.model_name, self.scale, self.batch_size, self.max_length = model, scale, batch_size, max_length
+class BiEncoderTeacher(ModelTeacher):
+    def __init__(self, model: str, scale: float = 20.0, batch_size: int = 64, max_length: int | None = None,
+                 revision: str | None = None):
+        super().__init__(model, revision)
+        self.scale, self.batch_size, self.max_length = scale, batch_size, max_length
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "bi-encoder", "scale": self.scale, "max_length": self.max_length,
-                **model_fingerprint(self.model_name)}
+        return {"kind": "bi-encoder", "scale": self.scale, "max_length": self.max_length, **self.fingerprint()}
 
     def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(self.model_name, device="cpu")
+        model = SentenceTransformer(self.model_name, device="cpu", **self.load_options())
         if self.max_length:
             model.max_seq_length = self.max_length
         texts, rows = _distinct_texts(groups)
@@ -106,17 +146,18 @@ class BiEncoderTeacher(Teacher):
                 for i, group_rows in enumerate(rows)]
 
 
-class SparseEncoderTeacher(Teacher):
-    def __init__(self, model: str, max_length: int = 256, batch_size: int = 32):
-        self.model_name, self.max_length, self.batch_size = model, max_length, batch_size
+class SparseEncoderTeacher(ModelTeacher):
+    def __init__(self, model: str, max_length: int = 256, batch_size: int = 32, revision: str | None = None):
+        super().__init__(model, revision)
+        self.max_length, self.batch_size = max_length, batch_size
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": "sparse-encoder", "max_length": self.max_length, **model_fingerprint(self.model_name)}
+        return {"kind": "sparse-encoder", "max_length": self.max_length, **self.fingerprint()}
 
     def score(self, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
         from sentence_transformers import SparseEncoder
 
-        model = SparseEncoder(self.model_name, device="cpu")
+        model = SparseEncoder(self.model_name, device="cpu", **self.load_options())
         model.max_seq_length = self.max_length
         texts, rows = _distinct_texts(groups)
         passages = _csr(model.encode_document(texts, batch_size=self.batch_size, show_progress_bar=True,
@@ -218,9 +259,9 @@ def _split(flat: np.ndarray, groups: Sequence[TrainingGroup]) -> list[np.ndarray
     return out
 
 
-_TEACHER_KEYS = {"cross-encoder": {"max_length": int, "batch_size": int},
-                 "bi-encoder": {"scale": float, "batch_size": int, "max_length": int | None},
-                 "sparse-encoder": {"max_length": int, "batch_size": int},
+_TEACHER_KEYS = {"cross-encoder": {"max_length": int, "batch_size": int, "revision": str},
+                 "bi-encoder": {"scale": float, "batch_size": int, "max_length": int | None, "revision": str},
+                 "sparse-encoder": {"max_length": int, "batch_size": int, "revision": str},
                  "run": {}, "fusion": {}}
 
 
@@ -244,7 +285,7 @@ def check_teacher_spec(spec: Any, where: str = "teacher", in_fusion: bool = Fals
                 check_teacher_spec(part, f"{where}.fusion[{i}]", in_fusion=True)
         elif allowed[key] is str:
             if not isinstance(value, str) or not value:
-                raise InputError(f"{where}.{key}: expected a name or path, got {value!r}")
+                raise InputError(f"{where}.{key}: expected a name, path or revision, got {value!r}")
         elif allowed[key] is float:    # a weight or a scale
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InputError(f"{where}.{key}: expected a number, got {value!r}")
@@ -257,7 +298,8 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
     """Build a teacher from its recipe entry:
 
     ``{"cross-encoder": NAME_OR_PATH, "max_length": 256}``, ``{"bi-encoder": NAME_OR_PATH, "scale": 20}``,
-    ``{"sparse-encoder": NAME_OR_PATH, "max_length": 256}`` (SPLADE), ``{"run": RUN_NAME}`` (that run of each
+    ``{"sparse-encoder": NAME_OR_PATH, "max_length": 256}`` (SPLADE) — a hub id's optionally with a
+    ``"revision"`` (branch, tag or commit; default main), ``{"run": RUN_NAME}`` (that run of each
     training data set: ``runs_by_source[source][RUN_NAME]``), or
     ``{"fusion": [PART, ...]}`` where each part is one of those with a ``weight``; in a fusion, a run part
     scores only the data sets that have that run (the others' lists are fused from the remaining parts).
@@ -269,13 +311,16 @@ def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapp
 def _teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None,
                        in_fusion: bool) -> Teacher:
     kind = next(key for key in _TEACHER_KEYS if key in spec)
+    revision = spec.get("revision")
     if kind == "cross-encoder":
-        return CrossEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)))
+        return CrossEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)),
+                                   revision)
     if kind == "bi-encoder":
         return BiEncoderTeacher(str(spec[kind]), float(spec.get("scale", 20.0)), int(spec.get("batch_size", 64)),
-                                spec.get("max_length"))
+                                spec.get("max_length"), revision)
     if kind == "sparse-encoder":
-        return SparseEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)))
+        return SparseEncoderTeacher(str(spec[kind]), int(spec.get("max_length", 256)), int(spec.get("batch_size", 32)),
+                                    revision)
     if kind == "run":
         name = str(spec[kind])
         runs_by_source = runs_by_source or {}
