@@ -23,7 +23,7 @@ import re
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,10 +191,20 @@ def write_run(run: Mapping[str, Mapping[str, float]], path: str | Path, tag: str
     with atomic_write(path) as out:
         for qid in run:
             ranked = trec_order(run[qid])
-            for rank, (docid, score) in enumerate(ranked[:k] if k else ranked, start=1):
+            ranked = ranked[:k] if k else ranked
+            for rank, ((docid, _), score) in enumerate(zip(ranked, score_texts([s for _, s in ranked])), start=1):
                 if _WHITESPACE.search(docid) or _WHITESPACE.search(qid):   # the columns are whitespace-separated
                     raise InputError(f"{path}: qid {qid!r}, docid {docid!r}: a TREC run's ids cannot hold whitespace")
-                out.write(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n")
+                out.write(f"{qid} Q0 {docid} {rank} {score} {tag}\n")
+
+
+def score_texts(scores: Sequence[float]) -> list[str]:
+    """A ranked query's scores as a run file writes them: 6 decimals (as Pyserini and Anserini write), or, where
+    that would tie two different scores, and trec_eval would then order them by docid, every digit."""
+    texts = [f"{score:.6f}" for score in scores]
+    if any(a == b and x != y for a, b, x, y in zip(texts, texts[1:], scores, scores[1:])):
+        return [repr(float(score)) for score in scores]
+    return texts
 
 
 def top_k(run: Mapping[str, Mapping[str, float]], k: int) -> Run:

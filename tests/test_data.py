@@ -26,6 +26,15 @@ def test_run_round_trip_sorts_and_breaks_ties_like_trec_eval(tmp_path):
     assert read_run(path) == run
 
 
+def test_a_written_run_keeps_scores_apart_that_six_decimals_would_tie(tmp_path):
+    """Six decimals would write 0.500000 twice, and trec_eval would then rank "a" (docid) above "b"."""
+    run = {"q1": {"a": 0.5, "b": 0.50000004, "c": 0.1}, "q2": {"x": 2.0, "y": 1.0}}
+    path = tmp_path / "run.trec"
+    write_run(run, path)
+    assert read_run(path) == run and [docid for docid, _ in trec_order(read_run(path)["q1"])] == ["b", "a", "c"]
+    assert path.read_text().splitlines()[3:] == ["q2 Q0 x 1 2.000000 rankshrink", "q2 Q0 y 2 1.000000 rankshrink"]
+
+
 def test_write_run_cuts_to_k(tmp_path):
     path = tmp_path / "run.trec"
     write_run({"q": {f"d{i}": float(i) for i in range(10)}}, path, k=3)
