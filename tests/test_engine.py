@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -191,6 +192,24 @@ def test_deadlines_always_leave_a_well_formed_ranking(tiny):
         assert ranking[scored:] == unscored
         assert result.stats.deadline_hit or scored == len(order)
     assert not result.stats.deadline_hit and result.stats.layers_used == [tiny.config.num_layers] * len(order)
+
+
+def test_a_deadline_stops_the_tokenizer_between_chunks_of_long_documents(tiny):
+    """Long documents take the tokenizer longer than a tiny budget: the deadline stops it between chunks of
+    pairs (``ENCODE_PAIRS``) instead of after all of them, and the first-stage order comes back."""
+    rng = random.Random(3)
+    candidates = {f"d{i:03d}": float(400 - i) for i in range(400)}
+    texts = {docid: " ".join(rng.choice(WORDS) for _ in range(3000)) for docid in candidates}
+    reranker = Reranker(tiny, max_length=64, candidates=400, exits=False, dtype="fp32")
+    started = time.perf_counter()
+    reranker._encode("cat", list(texts.values()), 64)
+    tokenize_all_ms = (time.perf_counter() - started) * 1000
+    budget = tokenize_all_ms / 20
+    result = reranker.rerank("cat", candidates, texts, budget_ms=budget)
+    assert result.stats.deadline_hit and result.stats.scored == 0
+    assert result.ranking() == [docid for docid, _ in trec_order(candidates)]
+    assert result.stats.tokenize_ms < tokenize_all_ms / 2       # a chunk is 1/16 of the pairs
+    assert reranker._encode("cat", ["a cat"] * 3, 64, deadline=time.perf_counter() - 1) is None
 
 
 def test_warm_up_runs_what_a_budget_can_choose_and_only_its_last_round_sets_the_load(tiny):
