@@ -41,6 +41,12 @@ def tiny_data(tmp_path) -> dict:
     return {"dir": tmp_path, "runs": runs, "base": str(model_dir)}
 
 
+def stage_log(cache: Path, stage: str) -> Path:
+    """A stage's JSONL log in ``cache``, which holds one checkpoint key's logs."""
+    (log,) = (cache / "logs").glob(f"*/{stage}.jsonl")
+    return log
+
+
 def tiny_section(data: dict, **changes) -> dict:
     d = data["dir"]
     section = {
@@ -379,7 +385,7 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     assert set(training["held_out_ndcg@10"]) == {"full", "rewire", "width", "depth"}
     assert model.rewiring is not None
     for stage in ("full", "width", "depth"):
-        lines = (tiny_data["dir"] / "cache" / "logs" / f"{stage}.jsonl").read_text().splitlines()
+        lines = stage_log(tiny_data["dir"] / "cache", stage).read_text().splitlines()
         assert len(lines) == 3 + (stage == "full") and "loss" in json.loads(lines[0])
     # width and depth stages distilled from a frozen copy of the network as rewiring left it (DynaBERT)
     assert len(list((tiny_data["dir"] / "cache" / "checkpoints").glob("*/reference/rankshrink.json"))) == 1
@@ -390,6 +396,12 @@ def test_training_runs_every_stage_and_is_deterministic(tiny_data):
     assert [path.name.split("-")[-1] for path in (tiny_data["dir"] / "cache" / "checkpoints").iterdir()] == [digest]
     base = load_model(tiny_data["base"]).state_dict()
     assert not torch.equal(first["layers.0.ffn.up.bias"], base["layers.0.ffn.up.bias"])
+    # another recipe in the same cache keeps its logs apart: the first recipe's are still whole
+    logs = Path(training["logs"])
+    assert logs.parent == tiny_data["dir"] / "cache" / "logs" and logs.name.endswith(digest)
+    full_log = (logs / "full.jsonl").read_text()
+    train(tiny_section(tiny_data, output=str(tiny_data["dir"] / "seed4"), seed=4))
+    assert len(list(logs.parent.iterdir())) == 2 and (logs / "full.jsonl").read_text() == full_log
 
 
 def test_how_often_the_held_out_queries_are_scored_does_not_change_the_model(tiny_data):
@@ -410,7 +422,7 @@ def test_a_weight_average_is_what_the_full_stage_keeps_and_it_resumes(tiny_data,
     plain_stages = {**stages, "full": {**stages["full"], "average": 0.0}}
     plain = train(tiny_section(tiny_data, stages=plain_stages, output=str(d / "plain"), cache=str(d / "c-plain")))
     assert any(not torch.equal(averaged[name], plain[name]) for name in averaged)
-    records = [json.loads(line) for line in (d / "c-avg" / "logs" / "full.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in stage_log(d / "c-avg", "full").read_text().splitlines()]
     evaluated = [record for record in records if "held_out_ndcg@10" in record]
     assert [record["step"] for record in evaluated] == [2, 4]
     assert all("held_out_ndcg@10_unaveraged" in record for record in evaluated)
@@ -480,7 +492,7 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_data, monkeypatch, 
     assert all(torch.equal(uninterrupted[name], resumed[name]) for name in uninterrupted)
     assert len(list((tiny_data["dir"] / "c-r" / "checkpoints").glob("*/state-*"))) == 1   # the last checkpoint's
     for stage, steps in (("full", 4), ("width", 3), ("depth", 3)):      # replayed steps are logged once
-        lines = (tiny_data["dir"] / "c-r" / "logs" / f"{stage}.jsonl").read_text().splitlines()
+        lines = stage_log(tiny_data["dir"] / "c-r", stage).read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1)), stage
 
 
@@ -512,7 +524,7 @@ def test_the_exits_stage_trains_new_exit_heads_on_the_frozen_network_and_reruns_
     assert model.config.exit_pooling == "pair" and model.exits["0"].pooler.in_features == 3 * 32
     assert all(torch.equal(trained[name], network[name]) for name in network if not name.startswith("exits."))
     assert set(model.metadata["training"]["held_out_ndcg@10"]["exits"]) == {"exit-1", "exit-2", "exit-3", "exit-4"}
-    lines = (d / "cache" / "logs" / "exits.jsonl").read_text().splitlines()
+    lines = stage_log(d / "cache", "exits").read_text().splitlines()
     assert len(lines) == 3 and {"exit_kl", "exit_offset"} <= set(json.loads(lines[0]))
     # A changed exits stage runs again on its own, and gives what a run from nothing gives.
     messages.clear()
@@ -571,7 +583,7 @@ def test_a_prefix_depth_stage_trains_fresh_pair_heads_with_the_network_on_the_fi
     model = load_model(d / "out")
     assert model.config.depth_layers == "prefix" and model.config.exit_pooling == "pair"
     assert model.layers_for(0.5) == [0, 1]
-    lines = [json.loads(line) for line in (d / "cache" / "logs" / "depth.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in stage_log(d / "cache", "depth").read_text().splitlines()]
     assert all({"inplace_offset", "exit_kl", "exit_offset"} <= set(line) for line in lines)
     for head in model.exits.values():   # fresh pair heads (the base's are [CLS] copies of its final head), trained
         assert head.pooler.in_features == 3 * 32 and float(head.classifier.bias.abs().max()) > 0

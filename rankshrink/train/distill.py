@@ -22,7 +22,7 @@
 Checkpoints every ``checkpoint_every`` steps make a run resumable (``rankshrink train`` again picks up where
 it stopped), keyed by the recipe and by what it trains on (the base's files, every list and its teacher scores:
 a data file changed in place starts afresh); a fixed seed gives the same model; each stage logs JSON lines to
-``<cache>/logs/<stage>.jsonl``.
+``<cache>/logs/<checkpoint key>/<stage>.jsonl``, so two recipes sharing a cache keep their own logs.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class Trainer:
         self.recipe_fingerprint = json_digest(recipe, 16)
         self.cache = Path(spec.cache)
         self.checkpoint_dir = self.cache / "checkpoints" / self.fingerprint   # + the inputs' digest, in run()
-        self.log_dir = self.cache / "logs"
+        self.log_dir = self.cache / "logs" / self.fingerprint   # + the inputs' digest, in run()
         self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if spec.dtype == "bf16" else nullcontext())
 
     # -- data -----------------------------------------------------------------------------------
@@ -197,6 +197,7 @@ class Trainer:
         train, held_out = self.load_data()
         inputs_digest = self._inputs_digest(train, held_out)
         self.checkpoint_dir = self.cache / "checkpoints" / f"{self.fingerprint}-{inputs_digest}"
+        self.log_dir = self.cache / "logs" / self.checkpoint_dir.name
         older = sorted(path.name for path in self.checkpoint_dir.parent.glob("*") if "-" not in path.name)
         if older:
             self.log(f"{self.checkpoint_dir.parent}: checkpoints {', '.join(older)} predate keys that cover the "
@@ -248,7 +249,7 @@ class Trainer:
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
             # Two runs of one recipe that differ here saw different lists or teacher scores; that agree, trained
             # differently from the same inputs.
-            "inputs_digest": inputs_digest,
+            "inputs_digest": inputs_digest, "logs": str(self.log_dir),
             "train_queries": len(train), "held_out_queries": len(held_out),
             "elapsed_s_this_run": round(time.time() - started, 1),
         }
