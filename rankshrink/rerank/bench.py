@@ -107,7 +107,7 @@ def load_peer(model_dir: str | os.PathLike, max_length: int):
         raise InputError(f"{directory}: the peer needs a Hugging Face model directory (config.json + "
                          f"model.safetensors); a rankshrink model directory is one")
     _require_classifier(directory)
-    peer = CrossEncoder(str(directory), device="cpu", max_length=max_length)
+    peer = CrossEncoder(str(directory), device="cpu", max_length=max_length, model_kwargs={"use_safetensors": True})
     peer.model.float()   # transformers loads a bf16 checkpoint as bf16; the peer is fp32 whatever was saved
     if peer.model.config.num_labels != 1:
         raise InputError(f"{directory}: the peer loads {peer.model.config.num_labels} labels; a ranking "

@@ -224,12 +224,12 @@ def bf16_is_fast() -> bool:
     return fast("cpu")
 
 
-def resolve_dtype(dtype: Dtype, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: Dtype) -> torch.dtype:
+    """The Reranker's compute dtype (it runs on the CPU): "auto" is bf16 where this CPU runs it fast."""
     if dtype not in ("auto", "bf16", "fp32"):
         raise InputError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
     if dtype == "auto":
-        fast = (torch.cuda.is_bf16_supported() if device.type == "cuda" else bf16_is_fast())
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
@@ -317,7 +317,7 @@ class Reranker:
         device = next(model.parameters()).device
         if device.type != "cpu":
             raise InputError(f"the Reranker runs on the CPU and the model is on {device}: move it (model.to('cpu'))")
-        self.dtype = resolve_dtype(dtype, device)
+        self.dtype = resolve_dtype(dtype)
         self.model = inference_copy(model, self.dtype)
         self.calibration = model.metadata.get("calibration")
         self.config = RerankConfig(width, depth, max_length, candidates, self.exit_risk_for(exits), keep, prune_depth)
