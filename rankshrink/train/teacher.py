@@ -12,10 +12,11 @@
   the offline recipe combines the bi-encoder with the shipped first-stage runs.
 
 Scores are cached as JSON under ``cache_dir``: one file per teacher identity (a local model's path and a hash
-of the files of its directory; a hub id and the commit its revision resolves to; or run files' hashes), holding each list's scores keyed by what the list is (data set,
-qid, query, candidates and their texts). A rerun of a recipe does not rescore; adding a data set makes a model
-only score its lists (a run part, whose identity covers every data set's run file, reads them all again); a
-fusion caches each part on its own, so changing a weight or a run rescores no model.
+of the files of its directory; a hub id and the commit its revision resolves to; or run files' hashes),
+holding each list's scores keyed by what the list is (data set, qid, query, candidates and their texts). A
+rerun of a recipe does not rescore; adding a data set makes a model only score its lists (a run part, whose
+identity covers every data set's run file, reads them all again); a fusion caches each part on its own, so
+changing a weight or a run rescores no model.
 
 >>> teacher = teacher_from_spec({"bi-encoder": "../shared/models/all-MiniLM-L6-v2"})   # doctest: +SKIP
 >>> score_groups(teacher, groups, cache_dir="cache/teacher")                           # doctest: +SKIP
