@@ -122,5 +122,5 @@ def test_cli_hybrid_writes_the_fused_run(dl19_index, small_dense_index, dl19, tm
                      DenseSearcher(small_dense_index, device="cpu").batch_search(topics, k=1000)],
                     method="rrf", weights=(1.0, 2.0), k=100)
     written = read_run(output)
-    assert order(written) == order({qid: {d: round(s, 6) for d, s in docs.items()} for qid, docs in expected.items()})
+    assert order(written) == order(expected)   # RRF scores six decimals would tie are written whole
     assert output.read_text().split("\n", 1)[0].endswith(" hybrid-rrf")
