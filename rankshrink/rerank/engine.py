@@ -73,7 +73,8 @@ _WARM_UP_WORDS = ("the river runs past an old stone mill where farmers bring gra
 # Time kept back from a deadline for putting the result together.
 FINISH_MS = 1.0
 # Pairs per tokenizer call: as fast here as one call for 100 pairs (7 ms at 96 or 256 tokens on dl19), and a
-# deadline can stop between calls (long documents take the tokenizer longer than the layers).
+# deadline can stop between calls (the tokenizer reads a long document whole before cutting it, which can take
+# longer than the layers).
 ENCODE_PAIRS = 25
 # How fast the load estimate follows the latest query (exponential moving average).
 LOAD_SMOOTHING = 0.3
