@@ -25,3 +25,9 @@ def check_integer(name: str, value: Any, least: int = 1) -> Any:
     if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
         raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
     return value
+
+
+def error_summary(error: BaseException) -> str:
+    """``Type: first line of the message``: what a library's failure adds to an InputError on one line."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, error_summary
 from .dynabert import DynamicCrossEncoder, ModelConfig, check_depth_layers, check_exit_pooling
 
 HF_CONFIG = "config.json"
@@ -83,7 +83,7 @@ def _download(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except Exception as error:  # offline, unknown id, gated repo: one message for all
         raise InputError(f"{source}: not a local directory, and fetching it from the Hugging Face hub failed "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+                         f"({error_summary(error)})") from error
 
 
 def _read_json(path: Path) -> dict[str, Any]:

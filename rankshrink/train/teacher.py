@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Run, atomic_write, json_digest, read_run
-from ..errors import InputError
+from ..errors import InputError, error_summary
 from .groups import TrainingGroup
 
 
@@ -79,8 +79,7 @@ def hub_commit(repo_id: str, revision: str | None = None) -> str:
         config = hf_hub_download(repo_id, "config.json", revision=revision)
     except Exception as error:  # offline and not cached, unknown id, gated repo: one message for all
         raise InputError(f"teacher {repo_id}: not a local directory, and resolving it on the Hugging Face hub "
-                         f"failed ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-                         ) from error
+                         f"failed ({error_summary(error)})") from error
     return Path(config).parent.name   # the cache keeps every file of a commit under snapshots/<commit>/
 
 
