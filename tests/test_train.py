@@ -322,6 +322,49 @@ def test_a_hub_teacher_is_keyed_by_the_commit_it_scores_with(tiny_data, tmp_path
     assert len(list(cache.iterdir())) == 2 and cached_first.stat().st_mtime_ns == written   # read, not rescored
 
 
+TRAIN_WHILE_MAIN_MOVES = """
+import json, sys
+from pathlib import Path
+import rankshrink.train.distill as distill
+from rankshrink.train import Trainer, train_spec_from_dict
+section, main_ref, later = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+resolve = distill.model_fingerprint
+def resolve_then_move_main(*args, **kwargs):
+    fingerprint = resolve(*args, **kwargs)
+    main_ref.write_text(later)   # the hub's main moves on between the digest and the download
+    return fingerprint
+distill.model_fingerprint = resolve_then_move_main
+Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None).run()
+"""
+
+
+def test_a_hub_base_trains_from_the_commit_its_checkpoints_are_keyed_by(tiny_data, tmp_path):
+    import os
+
+    from rankshrink import load_model
+
+    first, second = "c" * 40, "d" * 40
+    tiny_hf_cross_encoder(tmp_path / "commit-c", seed=1)
+    tiny_hf_cross_encoder(tmp_path / "commit-d", seed=2)
+    hub = tmp_path / "hub"
+    put_in_hub_cache(hub, "owner/tiny-base", second, tmp_path / "commit-d")
+    put_in_hub_cache(hub, "owner/tiny-base", first, tmp_path / "commit-c")   # main: the first commit
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    section = tiny_section(tiny_data, base="owner/tiny-base", stages={"full": {"steps": 0}},
+                           output=str(tmp_path / "out"), cache=str(tmp_path / "cache"))
+    main_ref = hub / "models--owner--tiny-base" / "refs" / "main"
+    done = subprocess.run([sys.executable, "-c", TRAIN_WHILE_MAIN_MOVES, json.dumps(section), str(main_ref), second],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main_ref.read_text() == second
+    trained = load_model(tmp_path / "out").state_dict()
+    for commit in ("c", "d"):
+        base = load_model(tmp_path / f"commit-{commit}").state_dict()
+        assert torch.equal(trained["embeddings.word.weight"], base["embeddings.word.weight"]) == (commit == "c")
+    with pytest.raises(InputError, match="a revision .* names a commit of a hub id, not of a local directory"):
+        load_model(tmp_path / "commit-c", revision=first)
+
+
 def test_a_teacher_that_is_neither_a_directory_nor_on_the_hub_is_named():
     with pytest.raises(InputError, match="teacher no-such-owner/no-such-teacher: not a local directory"):
         teacher_from_spec({"cross-encoder": "no-such-owner/no-such-teacher"}).identity()   # tests run offline
@@ -339,6 +382,8 @@ def test_a_teacher_that_is_neither_a_directory_nor_on_the_hub_is_named():
     ({"dtype": "fp16"}, "expected bf16 or fp32"),
     ({"losses": {"reference": "teacher"}}, "train.losses.reference must be frozen or inplace"),
     ({"stages": {"full": {"average": 1.0}}}, r"train.stages.full.average: a decay in \[0, 1\)"),
+    ({"stages": {"full": {"keep": "first"}}}, r"train.stages.full.keep: best or last"),
+    ({"stages": {"width": {"steps": 3, "keep": "last"}}}, r"train.stages.width.keep: best or last, and last only in "),
     ({"stages": {"exits": {"steps": 2, "pooling": "max"}}}, r"train.stages.exits.pooling: expected one of"),
     ({"exit_pooling": "pair"}, "exit_pooling belongs to the exits stage"),
     ({"depth_layers": "prefix"}, "depth_layers belongs to the depth stage"),
@@ -412,6 +457,22 @@ def test_how_often_the_held_out_queries_are_scored_does_not_change_the_model(tin
     stages["full"]["eval_every"] = 4
     rarely = train(tiny_section(tiny_data, stages=stages, output=str(d / "rarely"), cache=str(d / "c-rarely")))
     assert all(torch.equal(often[name], rarely[name]) for name in often)
+
+
+def test_keep_last_passes_the_end_of_the_full_stage_on_and_still_logs_the_held_out_scores(tiny_data):
+    d = tiny_data["dir"]
+    stages = {"full": {"steps": 4, "lr": 1e-3, "eval_every": 1, "keep": "last"}, "rewire": {"enabled": False},
+              "width": {"steps": 0}, "depth": {"steps": 0}}
+    last = train(tiny_section(tiny_data, stages=stages, output=str(d / "last"), cache=str(d / "c-last")))
+    unevaluated = {**stages, "full": {"steps": 4, "lr": 1e-3}}
+    end = train(tiny_section(tiny_data, stages=unevaluated, output=str(d / "end"), cache=str(d / "c-end")))
+    assert all(torch.equal(last[name], end[name]) for name in last)
+    records = [json.loads(line) for line in stage_log(d / "c-last", "full").read_text().splitlines()]
+    assert [record["step"] for record in records if "held_out_ndcg@10" in record] == [1, 2, 3, 4]
+    from rankshrink import load_model
+
+    assert load_model(d / "last").metadata["training"]["selected_step"] == {"full": 4}
+    assert not list((d / "c-last" / "checkpoints").glob("*/best-*"))
 
 
 def test_a_weight_average_is_what_the_full_stage_keeps_and_it_resumes(tiny_data, monkeypatch):

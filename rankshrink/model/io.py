@@ -52,11 +52,12 @@ class UninitializedWeightsWarning(UserWarning):
 # Loading
 
 
-def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+def load_model(source: str | os.PathLike, *, revision: str | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> DynamicCrossEncoder:
     """Load a rankshrink model directory, a plain Hugging Face BERT checkpoint directory (``BertModel`` or
     ``BertForSequenceClassification`` with one label, safetensors), or a hub id such as
-    ``cross-encoder/ms-marco-MiniLM-L-6-v2`` (downloaded when online).
+    ``cross-encoder/ms-marco-MiniLM-L-6-v2`` (downloaded when online) at ``revision`` (a branch, tag or
+    commit; default: main).
 
     Parts a plain checkpoint lacks (pooler, classifier, exit heads) are initialised and a
     ``UninitializedWeightsWarning`` says which.
@@ -67,20 +68,22 @@ def load_model(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     """
     path = Path(source)
     if not path.exists():
-        path = _download(str(source))
+        path = _download(str(source), revision)
+    elif revision is not None:
+        raise InputError(f"{source}: a revision ({revision!r}) names a commit of a hub id, not of a local directory")
     if not path.is_dir():
         raise InputError(f"{source}: expected a model directory, found a file")
     model = _load_rankshrink_dir(path) if (path / MANIFEST).is_file() else _load_hf_dir(path)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _download(source: str) -> Path:
+def _download(source: str, revision: str | None) -> Path:
     if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
         raise InputError(f"{source}: no such model directory")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+        return Path(snapshot_download(source, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
     except Exception as error:  # offline, unknown id, gated repo: one message for all
         raise InputError(f"{source}: not a local directory, and fetching it from the Hugging Face hub failed "
                          f"({error_summary(error)})") from error

@@ -2,7 +2,7 @@
 
 1. **full** (Simplified TinyBERT's one step): the full network learns from the teacher's scores over each
    list (listwise KL at a temperature: soft labels) and from the graded labels where there are any
-   (listwise CE: hard labels). Model selection on held-out queries keeps the best step. The result is
+   (listwise CE: hard labels). Held-out queries choose the best step (or ``keep: last``, the end's). The result is
    the fine-tuned teacher the next stages distil from.
 2. **rewire** (DynaBERT): heads and FFN neurons reordered by importance — |∂loss/∂mask| over training
    lists — so narrow sub-networks keep the important ones. The full network's function is unchanged.
@@ -69,6 +69,9 @@ class Trainer:
             del recipe["losses"]["exit_offset"]
         for key in ("output", "checkpoint_every", "smoke"):   # they do not change what is trained
             del recipe[key]
+        for stage in ("full", "width", "depth", "exits"):
+            if recipe.get(stage) and recipe[stage]["keep"] == "best":
+                del recipe[stage]["keep"]
         network = dict(recipe)
         if spec.depth_layers == "spread":
             del recipe["depth_layers"], network["depth_layers"]
@@ -207,7 +210,8 @@ class Trainer:
         exits_changed = state is not None and state.get("recipe") != self.recipe_fingerprint
         if exits_changed and "depth" in state["done"] and before_exits.is_dir():   # as the depth stage left it
             state = {**state, "model_dir": str(before_exits)}
-        model = load_model(state["model_dir"] if state else self.spec.base)
+        # A hub base loads the commit the inputs' digest names, even if main has moved on since
+        model = load_model(state["model_dir"]) if state else load_model(self.spec.base, revision=self.base_commit)
         for measured in ("profile", "calibration"):   # a profiled base's: measured on another network
             model.metadata.pop(measured, None)
         model.config = replace(model.config, widths=tuple(self.spec.widths), depths=tuple(self.spec.depths),
@@ -247,6 +251,7 @@ class Trainer:
             "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth", "exits")},
             "exit_pooling": model.config.exit_pooling,
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
+            "selected_step": summary.get("selected_step", {}),
             # Two runs of one recipe that differ here saw different lists or teacher scores; that agree, trained
             # differently from the same inputs.
             "inputs_digest": inputs_digest, "logs": str(self.log_dir),
@@ -262,6 +267,7 @@ class Trainer:
         candidates, passages, labels, teacher scores). A data file or a teacher changed in place then starts
         new checkpoints instead of resuming ones made from the old."""
         base = model_fingerprint(self.spec.base)
+        self.base_commit = base.get("revision")
         digest = hashlib.sha256((base.get("files_sha256") or f"{base['model']}@{base['revision']}").encode())
         for group in [*train, *held_out]:
             digest.update(json.dumps([group.key, group.query, group.docids, group.texts, group.labels]).encode())
@@ -378,7 +384,7 @@ class Trainer:
                     record["held_out_ndcg@10_unaveraged"] = self._full_dev_score(model, held_out)
                 with average.applied() if average is not None else nullcontext():
                     record["held_out_ndcg@10"] = self._full_dev_score(model, held_out)
-                    if best is None or record["held_out_ndcg@10"] > best["ndcg"]:
+                    if stage_spec.keep == "best" and (best is None or record["held_out_ndcg@10"] > best["ndcg"]):
                         best_dir = self._fresh_directory("best-")   # the checkpoint's best stays till the next
                         save_model(model, best_dir)
                         best = {"ndcg": record["held_out_ndcg@10"], "step": done_steps, "dir": str(best_dir)}
@@ -398,6 +404,8 @@ class Trainer:
                          f"at the end)")
                 _copy_weights(load_model(best["dir"]), model)
             summary.setdefault("selected_step", {})[stage] = best["step"] if best["ndcg"] > final else stage_spec.steps
+        elif stage == "full" and stage_spec.keep == "last":
+            summary.setdefault("selected_step", {})[stage] = stage_spec.steps
         model.eval()
 
     def _configs(self, stage: str) -> list[tuple[float, float]]:

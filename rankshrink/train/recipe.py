@@ -37,7 +37,8 @@
                hidden_mse: 1.0, inplace_kl: 1.0, exit_kl: 1.0}
       stages:
         full:   {steps: 1200, lr: 1.0e-4, eval_every: 200,   # the full network learns from teacher + labels
-                 average: 0.998}                             # optional: keep an average of the weights
+                 average: 0.998,                             # optional: keep an average of the weights
+                 keep: last}                                 # the end's weights, or the best held-out step
         rewire: {lists: 64}                                  # importance over this many lists
         width:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 1: widths, distilled from full
         depth:  {steps: 300, lr: 5.0e-5}                     # DynaBERT stage 2: widths x depths, + exit heads
@@ -103,6 +104,8 @@ class StageSpec:
     configs: int = 4                # sub-networks per step in width / depth stages (full + smallest + random)
     average: float = 0.0            # decay of an exponential moving average of the weights (0: none); the
                                     # average is what is evaluated, kept and passed on (train/averaging.py)
+    keep: str = "best"              # full stage with eval_every: "best" held-out step, or "last" (the end's
+                                    # weights; the held-out scores are only logged)
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,9 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
             if not 0.0 <= stage.average < 1.0:
                 raise InputError(f"{where}.stages.{name}.average: a decay in [0, 1) (0: no average), "
                                  f"got {stage.average!r}")
+            if stage.keep not in ("best", "last") or (stage.keep == "last" and name != "full"):
+                raise InputError(f"{where}.stages.{name}.keep: best or last, and last only in the full stage (the "
+                                 f"one evaluated on held-out queries), got {stage.keep!r}")
             if not stage.lr > 0 or not 0 <= stage.warmup <= 1:
                 raise InputError(f"{where}.stages.{name}: lr must be > 0 and warmup a fraction in [0, 1], got "
                                  f"{stage.lr!r} and {stage.warmup!r}")
