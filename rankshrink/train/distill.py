@@ -198,7 +198,8 @@ class Trainer:
         started = time.time()
         torch.manual_seed(self.spec.seed)
         train, held_out = self.load_data()
-        inputs_digest = self._inputs_digest(train, held_out)
+        base = model_fingerprint(self.spec.base)
+        inputs_digest = self._inputs_digest(base, train, held_out)
         self.checkpoint_dir = self.cache / "checkpoints" / f"{self.fingerprint}-{inputs_digest}"
         self.log_dir = self.cache / "logs" / self.checkpoint_dir.name
         older = sorted(path.name for path in self.checkpoint_dir.parent.glob("*") if "-" not in path.name)
@@ -211,7 +212,7 @@ class Trainer:
         if exits_changed and "depth" in state["done"] and before_exits.is_dir():   # as the depth stage left it
             state = {**state, "model_dir": str(before_exits)}
         # A hub base loads the commit the inputs' digest names, even if main has moved on since
-        model = load_model(state["model_dir"]) if state else load_model(self.spec.base, revision=self.base_commit)
+        model = load_model(state["model_dir"]) if state else load_model(self.spec.base, revision=base.get("revision"))
         for measured in ("profile", "calibration"):   # a profiled base's: measured on another network
             model.metadata.pop(measured, None)
         model.config = replace(model.config, widths=tuple(self.spec.widths), depths=tuple(self.spec.depths),
@@ -262,12 +263,12 @@ class Trainer:
         self.log(f"model written to {self.spec.output} ({time.time() - started:.0f} s)")
         return Path(self.spec.output)
 
-    def _inputs_digest(self, train: Sequence[TrainingGroup], held_out: Sequence[TrainingGroup]) -> str:
-        """What the network learns from besides the recipe: the base model's weights and every list (query,
+    def _inputs_digest(self, base: dict[str, str], train: Sequence[TrainingGroup],
+                       held_out: Sequence[TrainingGroup]) -> str:
+        """What the network learns from besides the recipe: the base model's weights (``base``, its
+        ``model_fingerprint``) and every list (query,
         candidates, passages, labels, teacher scores). A data file or a teacher changed in place then starts
         new checkpoints instead of resuming ones made from the old."""
-        base = model_fingerprint(self.spec.base)
-        self.base_commit = base.get("revision")
         digest = hashlib.sha256((base.get("files_sha256") or f"{base['model']}@{base['revision']}").encode())
         for group in [*train, *held_out]:
             digest.update(json.dumps([group.key, group.query, group.docids, group.texts, group.labels]).encode())
