@@ -23,7 +23,7 @@ BM25 on a small index with texts from a collection file; raise it for a large in
 the index). With at most ``concurrency`` queries in flight, a query waits for at most ``concurrency - 1``
 turns of at most ``budget_ms / concurrency`` each, so it ends within its budget. The configuration is the
 best one the model's profile predicts to fit ``(1 - headroom)`` of that share at its 95th percentile
-(``headroom`` 0.4 by default), from the profile alone (not from the load measured on recent queries,
+(``headroom`` 0.2 by default), from the profile alone (not from the load measured on recent queries,
 unless ``adapt_to_load``), so it does not depend on the load.
 
 The **deadline** is at least the share, and stretches into the slack of the queries waiting behind: it is
