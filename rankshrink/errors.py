@@ -20,10 +20,13 @@ class InputError(ValueError):
         return cls(f"{path}:{line_number}: {problem}: {shown!r}")
 
 
-def check_integer(name: str, value: Any, least: int = 1) -> Any:
-    """``value`` when it is None or an integer >= ``least``; else an InputError that names it."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least):
-        raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+def check_integer(name: str, value: Any, least: int = 1, *, optional: bool = True) -> Any:
+    """``value`` when it is an integer >= ``least`` (or None, when ``optional``); else an InputError that names it."""
+    if value is None and optional:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        expected = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise InputError(f"{name} must be {expected}, got {value!r}")
     return value
 
 

@@ -141,6 +141,12 @@ def test_a_cascade_is_a_knob_of_the_configuration():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(InputError, match="keep must be a positive integer"):
             RerankConfig(keep=bad)
+    for name in ("max_length", "candidates"):      # required: None is not a default here
+        with pytest.raises(InputError, match=f"{name} must be a positive integer, got None"):
+            RerankConfig(**{name: None})
+    # numpy's integers (a grid built with numpy) are integers, and the configuration saves them as JSON's
+    from_numpy = RerankConfig(max_length=np.int64(96), candidates=np.int32(50), keep=np.int64(20))
+    assert json.loads(json.dumps(from_numpy.as_dict())) == RerankConfig(max_length=96, candidates=50, keep=20).as_dict()
     # the first pass's depth: None is the model's shallowest; a deeper first pass does more
     deeper = replace(cascade, prune_depth=0.75)
     assert deeper.label().endswith("keep 20 of d0.75 exits off") and "of d" not in cascade.label()

@@ -41,7 +41,7 @@ def test_write_run_cuts_to_k(tmp_path):
     assert [line.split()[2] for line in path.read_text().splitlines()] == ["d9", "d8", "d7"]
     assert top_k({"q": {"a": 1.0, "b": 3.0, "c": 2.0}}, 2) == {"q": {"b": 3.0, "c": 2.0}}
     assert trec_order({"a": 1.0, "b": 1.0}) == [("b", 1.0), ("a", 1.0)]
-    with pytest.raises(InputError, match="k must be an integer >= 1, got 0"):
+    with pytest.raises(InputError, match="k must be a positive integer, got 0"):
         write_run({"q": {"a": 1.0}}, path, k=0)
     with pytest.raises(InputError, match="docid 'doc a': a TREC run's ids cannot hold whitespace"):
         write_run({"q": {"doc a": 1.0}}, path)

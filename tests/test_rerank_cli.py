@@ -176,10 +176,10 @@ def test_candidates_past_those_reranked_need_no_text(files, tmp_path):
 @pytest.mark.parametrize("command, extra, message", [
     ("rerank", ["--tag", "my run"], "run tag must be one word without spaces, got 'my run'"),
     ("rerank", ["--stats", "."], ".: is a directory; give the path of a file to write"),
-    ("bench", ["--queries", "0"], "queries must be an integer >= 1, got 0"),
-    ("bench", ["--peer-threads", "0"], "peer_threads must be an integer >= 1, got 0"),
-    ("profile", ["--queries", "0"], "queries must be an integer >= 1, got 0"),
-    ("profile", ["--top-k", "0"], "top_k must be an integer >= 1, got 0"),
+    ("bench", ["--queries", "0"], "queries must be a positive integer, got 0"),
+    ("bench", ["--peer-threads", "0"], "peer_threads must be a positive integer, got 0"),
+    ("profile", ["--queries", "0"], "queries must be a positive integer, got 0"),
+    ("profile", ["--top-k", "0"], "top_k must be a positive integer, got 0"),
 ])
 def test_bad_options_are_one_line_errors_before_any_work(files, tmp_path, capsys, monkeypatch, command, extra,
                                                           message):

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..data import Collection
-from ..errors import InputError
+from ..errors import InputError, check_integer
 
 
 def check_writable_index_dir(index_dir: Path, overwrite: bool) -> None:
@@ -68,8 +68,7 @@ def count_hint(passages: Collection) -> int | None:
 
 
 def check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")
+    check_integer("k", k, optional=False)
 
 
 def source_identity(source: str | Path) -> dict:

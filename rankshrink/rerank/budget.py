@@ -30,13 +30,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, check_integer
 
 WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
 # Share of a budget the chosen configuration's predicted p95 leaves free. At 0 the bench's 400 ms budget ranked
 # worse than its 200 ms one (36 deadline cuts, eval/README.md). On the 53 judged dl21 queries (the dev set),
 # budgets 50-400 ms x 2 passes: at 0.4 p95 was 57% of the budget at 100 ms (56.8 ms), at 0.2 77% (76.8 ms, 3
 # cuts of 106), never over 81% at any budget, and 100 ms ranked 0.5447 against 0.5391 (eval/README.md).
+# 4 threads sharing a Pipeline at 400 ms: 0 or 1 cuts of 172 searches (eval/bench_pipeline.md).
 DEFAULT_HEADROOM = 0.2
 # A cascade's first pass reads this many tokens of each pair (or the configuration's max length, if shorter).
 PRUNE_MAX_LENGTH = 64
@@ -74,11 +75,9 @@ class RerankConfig:
                 raise InputError(f"{name} must be in (0, 1], got {value!r}")
             object.__setattr__(self, name, float(value))
         for name in ("max_length", "candidates", "keep"):
-            value = getattr(self, name)
-            if name == "keep" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+            value = check_integer(name, getattr(self, name), optional=name == "keep")
+            if value is not None:
+                object.__setattr__(self, name, int(value))   # a numpy integer, too, saves as JSON
         if self.prune_depth is not None and self.keep is None:
             raise InputError(f"prune_depth {self.prune_depth:g} is the depth of a cascade's first pass: give keep too")
         if self.max_length < 8:

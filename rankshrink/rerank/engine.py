@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from ..data import trec_order
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from .budget import (DEFAULT_HEADROOM, PRUNE_MAX_LENGTH, WORK_FEATURES, Controller, FrontierPoint, RerankConfig,
                      capped, check_headroom)
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
@@ -305,12 +305,9 @@ class Reranker:
             raise InputError(f"model must be a DynamicCrossEncoder or a model directory, got {type(model).__name__}")
         if model.tokenizer is None:
             raise InputError("the model has no tokenizer (its directory had none); a reranker tokenizes its input")
-        if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-                raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+        if check_integer("threads", threads) is not None:
             torch.set_num_threads(threads)
-        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-            raise InputError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
+        check_integer("batch_tokens", batch_tokens, optional=False)
         limit = model.config.max_position_embeddings
         if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > limit:
             max_length = limit   # a pair cannot be longer than the position embeddings
@@ -426,8 +423,7 @@ class Reranker:
         the last round updates the load (``load``), so that with 2 or more it measures the machine, not those
         costs. Call it before serving queries; ``rerank_run`` with a budget calls it once, on its first query.
         Returns the seconds it took."""
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise InputError(f"rounds must be a positive integer, got {rounds!r}")
+        check_integer("rounds", rounds, optional=False)
         if isinstance(passages, (str, bytes)):
             raise InputError("passages must be a list of texts or a mapping docid -> text, not one string")
         query = WARM_UP_QUERY if query is None else query
