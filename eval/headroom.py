@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from rankshrink.data import atomic_write, open_collection, read_qrels, read_run, read_topics  # noqa: E402
+from rankshrink.data import atomic_write, open_collection, read_qrels, read_run, read_topics, top_k  # noqa: E402
 from rankshrink.metrics import evaluate  # noqa: E402
 from rankshrink.model import load_model  # noqa: E402
 from rankshrink.rerank.engine import Reranker  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> int:
     topics, qrels = read_topics(args.split / "topics.tsv"), read_qrels(args.split / "qrels.txt")
     collection = open_collection(args.split / "passages.jsonl")
     qids = sorted(qid for qid in run if qid in qrels)[:args.queries]
-    candidates = {qid: dict(sorted(run[qid].items(), key=lambda item: -item[1])[:100]) for qid in qids}
+    candidates = top_k({qid: run[qid] for qid in qids}, 100)
     texts = {qid: {docid: collection[docid] for docid in candidates[qid]} for qid in qids}
     model = load_model(args.model)
     rerankers = {headroom: Reranker(model, threads=args.threads, headroom=headroom) for headroom in args.headrooms}

@@ -266,9 +266,8 @@ class Trainer:
     def _inputs_digest(self, base: dict[str, str], train: Sequence[TrainingGroup],
                        held_out: Sequence[TrainingGroup]) -> str:
         """What the network learns from besides the recipe: the base model's weights (``base``, its
-        ``model_fingerprint``) and every list (query,
-        candidates, passages, labels, teacher scores). A data file or a teacher changed in place then starts
-        new checkpoints instead of resuming ones made from the old."""
+        ``model_fingerprint``) and every list (query, candidates, passages, labels, teacher scores). A data file
+        or a teacher changed in place then starts new checkpoints instead of resuming ones made from the old."""
         digest = hashlib.sha256((base.get("files_sha256") or f"{base['model']}@{base['revision']}").encode())
         for group in [*train, *held_out]:
             digest.update(json.dumps([group.key, group.query, group.docids, group.texts, group.labels]).encode())
