@@ -5,7 +5,8 @@ BM25 top-100, one query at a time, tokenization included.
 
 Variants, interleaved query by query in one process (medians over all calls):
 
-* micro-batches of at most 512 / 1024 / 2048 (the default) / 4096 padded tokens, length-sorted, ≤ 15% padding;
+* micro-batches of at most 512 / 1024 / 2048 / 4096 padded tokens (the engine's default, ``BATCH_TOKENS``, is one
+  of them), length-sorted, ≤ 15% padding;
 * one batch of all 100 pairs padded to the longest (what batching without length sorting approaches);
 * fp32 at the default micro-batches (what bf16 buys);
 
@@ -29,8 +30,9 @@ import torch  # noqa: E402
 from rankshrink.data import atomic_write, open_collection, read_run, read_topics, trec_order  # noqa: E402
 from rankshrink.model import load_model  # noqa: E402
 from rankshrink.rerank import Reranker, RerankConfig  # noqa: E402
+from rankshrink.rerank.engine import BATCH_TOKENS  # noqa: E402
 
-DEFAULT = "bf16, ≤2048-token micro-batches"
+DEFAULT = f"bf16, ≤{BATCH_TOKENS}-token micro-batches"
 
 
 def main() -> int:
@@ -59,7 +61,7 @@ def main() -> int:
                 for n in (512, 1024, 2048, 4096)}
     variants["bf16, one batch padded to the longest"] = Reranker(model, dtype="bf16", batch_tokens=10 ** 9,
                                                                  max_padding=1.0, **options)
-    variants["fp32, ≤2048-token micro-batches"] = Reranker(model, dtype="fp32", **options)
+    variants[f"fp32, ≤{BATCH_TOKENS}-token micro-batches"] = Reranker(model, dtype="fp32", **options)
     config = RerankConfig(1.0, 1.0, args.max_length, 100, None)
     times = {(name, threads): [] for name in variants for threads in args.threads}
     tokenize = []

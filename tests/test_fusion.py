@@ -90,6 +90,12 @@ def test_bad_fusion_options(kwargs, message):
         fuse([RUN_WITH_TIES])
 
 
+@pytest.mark.parametrize("depth", [0, 2.5, None])
+def test_a_hybrid_searcher_names_a_bad_depth(depth):
+    with pytest.raises(InputError, match="depth must be a positive integer"):
+        HybridSearcher(None, None, depth=depth)
+
+
 @pytest.mark.shared
 def test_hybrid_searcher_is_bm25_and_dense_fused(dl19_index, small_dense_index, dl19):
     topics = dict(list(read_topics(dl19 / "topics.tsv").items())[:8])

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from ..data import Run, trec_order
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from .building import check_k
 
 FusionMethod = Literal["rrf", "sum"]
@@ -109,7 +109,7 @@ class HybridSearcher:
 
     def __init__(self, bm25: FirstStage, dense: FirstStage, *, method: FusionMethod = "rrf",
                  weights: Sequence[float] = (1.0, 1.0), rrf_k: float = DEFAULT_RRF_K, depth: int = 1000):
-        check_k(depth)
+        check_integer("depth", depth, optional=False)
         fuse([{"q": {"d": 1.0}}, {"q": {"d": 1.0}}], method, weights, rrf_k)  # checks the options now
         self.bm25, self.dense = bm25, dense
         self.method, self.weights, self.rrf_k, self.depth = method, tuple(weights), rrf_k, depth

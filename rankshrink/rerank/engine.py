@@ -5,9 +5,9 @@ What makes it fast, in the order the time goes:
 * **tokenize once** per query, all pairs in one call of the fast tokenizer (query first, only the passage
   truncated), and only the candidates that will be reranked;
 * **length-sorted micro-batches**: pairs sorted by length and cut into batches of at most ``batch_tokens``
-  padded tokens with little padding — a few thousand tokens keep oneDNN's matmuls efficient and their
-  activations in cache (one 100-pair batch padded to the longest pair was 2.7× slower, see eval/) — each
-  padded to a multiple of ``LENGTH_STEP`` tokens, so that its matrix shapes recur from query to query;
+  padded tokens with little padding — about a thousand tokens keep oneDNN's matmuls efficient and their
+  activations in cache (one 100-pair batch padded to the longest pair was 2.4× slower, eval/bench_engine.md) —
+  each padded to a multiple of ``LENGTH_STEP`` tokens, so that its matrix shapes recur from query to query;
 * **bf16** where the CPU has bf16 arithmetic (AVX512-BF16 / AMX), fp32 elsewhere; the model's fused oneDNN
   kernels under ``torch.inference_mode``;
 * **layer by layer, with early exit**: after each layer with an exit head, a document whose score is
@@ -59,8 +59,9 @@ from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]
 
-# Micro-batches: at most this many padded tokens, at most this share of them padding.
-BATCH_TOKENS = 2048
+# Micro-batches: at most this many padded tokens, at most this share of them padding. 1024 rather than 2048 since
+# stop 32: the full network 3% faster at 256 tokens, smaller configurations the same (eval/bench_engine.md).
+BATCH_TOKENS = 1024
 MAX_PADDING = 0.15
 # A micro-batch is padded to a multiple of this many tokens. oneDNN builds a kernel for every new matrix shape
 # (rows x length), which costs a query whose batches are new shapes more than its matmuls (eval/README.md); with

@@ -54,6 +54,7 @@ from .recipe import StageSpec, TrainSpec
 from .teacher import model_fingerprint, score_groups, teacher_from_spec
 
 STAGES = ("full", "rewire", "width", "depth", "exits")
+TRAINED_STAGES = tuple(stage for stage in STAGES if stage != "rewire")   # the stages with steps
 EXIT_STAGE_KEYS = ("exits", "exit_pooling")   # what the exits stage reads and the network's stages do not
 HEAD_LR_SCALE = 10
 DEV_CONFIGS = ((1.0, 1.0), (0.5, 1.0), (0.5, 0.5), (0.25, 0.5))
@@ -69,7 +70,7 @@ class Trainer:
             del recipe["losses"]["exit_offset"]
         for key in ("output", "checkpoint_every", "smoke"):   # they do not change what is trained
             del recipe[key]
-        for stage in ("full", "width", "depth", "exits"):
+        for stage in TRAINED_STAGES:
             if recipe.get(stage) and recipe[stage]["keep"] == "best":
                 del recipe[stage]["keep"]
         network = dict(recipe)
@@ -249,7 +250,7 @@ class Trainer:
         model.metadata["training"] = {
             "base": self.spec.base, "teacher": self.spec.teacher, "recipe_fingerprint": self.fingerprint,
             "data_set_teachers": {data.name: data.teacher for data in self.spec.data if data.teacher},
-            "steps": {stage: getattr(self.spec, stage).steps for stage in ("full", "width", "depth", "exits")},
+            "steps": {stage: getattr(self.spec, stage).steps for stage in TRAINED_STAGES},
             "exit_pooling": model.config.exit_pooling,
             "rewired": self.spec.rewire, "held_out_ndcg@10": summary["dev"],
             "selected_step": summary.get("selected_step", {}),
