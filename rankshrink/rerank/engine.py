@@ -60,7 +60,8 @@ from .calibration import DEFAULT_TOP_K, leaving, margins_for
 Dtype = Literal["auto", "bf16", "fp32"]
 
 # Micro-batches: at most this many padded tokens, at most this share of them padding. 1024 rather than 2048 since
-# stop 32: the full network 3% faster at 256 tokens, smaller configurations the same (eval/bench_engine.md).
+# stop 32: the full network 3-8% faster at 256 tokens, smaller configurations the same (eval/bench_engine.md,
+# eval/README.md).
 BATCH_TOKENS = 1024
 MAX_PADDING = 0.15
 # A micro-batch is padded to a multiple of this many tokens. oneDNN builds a kernel for every new matrix shape
