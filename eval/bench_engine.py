@@ -61,7 +61,8 @@ def main() -> int:
                 for n in (512, 1024, 2048, 4096)}
     variants["bf16, one batch padded to the longest"] = Reranker(model, dtype="bf16", batch_tokens=10 ** 9,
                                                                  max_padding=1.0, **options)
-    variants[f"fp32, ≤{BATCH_TOKENS}-token micro-batches"] = Reranker(model, dtype="fp32", **options)
+    variants[f"fp32, ≤{BATCH_TOKENS}-token micro-batches"] = Reranker(model, dtype="fp32", batch_tokens=BATCH_TOKENS,
+                                                                       **options)
     config = RerankConfig(1.0, 1.0, args.max_length, 100, None)
     times = {(name, threads): [] for name in variants for threads in args.threads}
     tokenize = []

@@ -19,6 +19,7 @@ from rankshrink.model import save_model
 from rankshrink.rerank import Controller, CostModel, FrontierPoint, Reranker, RerankConfig
 from rankshrink.rerank.budget import does_at_least, nested_ladder, pareto_frontier
 from rankshrink.rerank.calibration import LEVELS, calibrate_margins, leaving, margin_at, margins_for
+from rankshrink.rerank.engine import BATCH_TOKENS
 from rankshrink.rerank.profiling import (_time, _trace, agreement_qrels, dev_queries, profile, save_profile, simulate,
                                          simulate_cascade)
 from test_engine import candidates_and_texts, with_margins
@@ -386,6 +387,11 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     reloaded = rankshrink.load_model(directory)
     reranker = Reranker(reloaded, max_length=48, dtype="fp32")
     assert reranker.controller is not None
+    # micro-batches cut as the profile timed them, unless told otherwise
+    assert reranker.batch_tokens == result.profile["batch_tokens"] == BATCH_TOKENS
+    assert Reranker(reloaded, profile={**result.profile, "batch_tokens": 512}).batch_tokens == 512
+    assert Reranker(reloaded, batch_tokens=300, profile={**result.profile, "batch_tokens": 512}).batch_tokens == 300
+    assert Reranker(reloaded, profile={}).batch_tokens == BATCH_TOKENS
     candidates, texts = candidates_and_texts(30)
     cheapest = Controller.from_profile(result.profile).rungs[0]
     small = reranker.rerank("cat", candidates, texts, budget_ms=cheapest.ms_p95 / 100)

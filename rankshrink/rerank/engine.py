@@ -285,7 +285,8 @@ class Reranker:
     document through every layer. ``dtype``: "auto" (bf16 where the CPU has bf16 arithmetic), "bf16", "fp32".
     ``threads``: torch intra-op threads, set for the whole process (None leaves torch's setting). ``headroom``:
     with a budget, the controller picks the best configuration whose predicted p95 (scaled by the load measured
-    on recent calls) fits ``(1 - headroom) × budget``; the deadline is the whole budget. ``rerank`` is
+    on recent calls) fits ``(1 - headroom) × budget``; the deadline is the whole budget. ``batch_tokens``: padded
+    tokens per micro-batch (None: what the model's profile was timed with, else ``BATCH_TOKENS``). ``rerank`` is
     thread-safe.
 
     >>> reranker = Reranker(rankshrink.load_model("models/trec-dl"), exits=False, dtype="fp32")   # doctest: +SKIP
@@ -296,7 +297,7 @@ class Reranker:
     def __init__(self, model: Any, width: float = 1.0, depth: float = 1.0, max_length: int = 256,
                  candidates: int = 100, exits: bool | float = True, dtype: Dtype = "auto",
                  threads: int | None = None, keep: int | None = None, *, prune_depth: float | None = None,
-                 batch_tokens: int = BATCH_TOKENS,
+                 batch_tokens: int | None = None,
                  max_padding: float = MAX_PADDING, headroom: float = DEFAULT_HEADROOM,
                  profile: Mapping[str, Any] | None = None):
         if isinstance(model, (str, Path)):
@@ -309,7 +310,7 @@ class Reranker:
             raise InputError("the model has no tokenizer (its directory had none); a reranker tokenizes its input")
         if check_integer("threads", threads) is not None:
             torch.set_num_threads(threads)
-        check_integer("batch_tokens", batch_tokens, optional=False)
+        check_integer("batch_tokens", batch_tokens)
         limit = model.config.max_position_embeddings
         if isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > limit:
             max_length = limit   # a pair cannot be longer than the position embeddings
@@ -325,11 +326,13 @@ class Reranker:
         if not 0 <= max_padding <= 1:
             raise InputError(f"max_padding must be a fraction in [0, 1], got {max_padding!r}")
         self.headroom = check_headroom(headroom)
-        self.batch_tokens = batch_tokens
         self.max_padding = float(max_padding)
         self._tokenizer_lock = _tokenizer_lock(model.tokenizer)
         profile = model.metadata.get("profile") if profile is None else profile
         self.controller = Controller.from_profile(profile) if profile else None
+        # The profile's cost model counts micro-batch steps: by default, cut them as the profile timed them.
+        profiled = check_integer("the profile's batch_tokens", (profile or {}).get("batch_tokens"))
+        self.batch_tokens = batch_tokens if batch_tokens is not None else profiled or BATCH_TOKENS
         self._load = 1.0
         self._load_lock = threading.Lock()
         self._warned_no_profile = False
