@@ -454,7 +454,7 @@ class Reranker:
              observe: bool = True) -> RerankResult:
         if not isinstance(query, str):
             raise InputError(f"the query must be a string, got {type(query).__name__}")
-        top_k = DEFAULT_TOP_K if top_k is None else _check_top_k(top_k)
+        top_k = DEFAULT_TOP_K if top_k is None else int(check_integer("top_k", top_k))
         deadline = None
         if budget_ms is not None:
             budget_ms = _check_budget(budget_ms)
@@ -905,9 +905,3 @@ def _check_budget(budget_ms: Any) -> float:
     if isinstance(budget_ms, bool) or not isinstance(budget_ms, numbers.Real) or not 0 <= budget_ms < math.inf:
         raise InputError(f"budget_ms must be a number of milliseconds >= 0 (or None), got {budget_ms!r}")
     return float(budget_ms)
-
-
-def _check_top_k(top_k: Any) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
-        raise InputError(f"top_k must be a positive integer, got {top_k!r}")
-    return int(top_k)
