@@ -426,6 +426,24 @@ def test_profile_saves_a_frontier_that_budgeted_reranks_use(tiny, tmp_path):
     assert after.stats.batch_sizes and after.stats.scored > 0
 
 
+def test_profile_scores_its_simulated_runs_a_few_at_a_time_as_all_at_once(tiny, monkeypatch):
+    """A large grid's runs are scored in chunks (all at once outgrew 24 GB): the chunks change no score."""
+    from rankshrink.rerank import profiling
+
+    run, topics, collection, qrels = tiny_dev()
+    config_keys = ("width", "depth", "max_length", "candidates", "exit_risk", "keep", "prune_depth")
+
+    def scores() -> dict[tuple, float]:
+        result = profile(tiny, run, topics, collection, qrels, widths=[0.5, 1.0], depths=[1.0], max_lengths=[16],
+                         candidates=[10, 30], exit_risks=[None, 0.1], keeps=[10], dtype="fp32", time_queries=0,
+                         top_k=3, progress=False)
+        return {tuple(point[key] for key in config_keys): point["ndcg@10"] for point in result.points}
+
+    at_once = scores()
+    monkeypatch.setattr(profiling, "SIMULATED_RUNS_AT_ONCE", 3)
+    assert len(at_once) > 2 * 3 and scores() == at_once
+
+
 def test_profile_without_qrels_judges_by_agreement_with_the_full_network(tiny):
     """A user's own, unjudged queries: the largest configuration's top 10 stand in for qrels, so it scores
     1 against itself and a configuration that reranks fewer candidates scores what it misses."""

@@ -57,6 +57,9 @@ DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.2, 0.3)
 DEFAULT_KEEPS = (10, 20, 30)
 # exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
 DEFAULT_RISK_TOLERANCE = 0.005
+# Simulated runs are scored and dropped this many at a time: all of a 18,000-configuration grid's runs at once
+# (100 scores per dev query each) outgrew 24 GB.
+SIMULATED_RUNS_AT_ONCE = 500
 # A dearer frontier (or ladder) configuration must gain more dev nDCG@10 than this over the cheaper one.
 FRONTIER_MIN_GAIN = 0.002
 # Without qrels, the full network's top 10 stand in for judgments: grade 3 for its ranks 1-3, 2 for 4-6, 1 for
@@ -333,11 +336,21 @@ def _simulate(reranker: Reranker, dev: list[_DevQuery], traces: Mapping[tuple[fl
 
     runs: dict[RerankConfig, Run] = {}
     works: dict[RerankConfig, list[dict]] = {}
+    ndcg: dict[RerankConfig, float] = {}
     flops_cache: dict = {}
+
+    def score_runs() -> None:
+        names = {config: f"c{i}" for i, config in enumerate(runs)}
+        evaluation = evaluate(dev_qrels, {names[config]: run for config, run in runs.items()}, ["ndcg@10"])
+        ndcg.update({config: evaluation.scores[names[config]]["ndcg@10"] for config in runs})
+        runs.clear()
+
     for config in tqdm(grid, desc="simulating", unit="config", disable=not progress, dynamic_ncols=True):
         margins = reranker._margins(config)
         if config.exit_risk is not None and not margins:
             continue  # no exit layer runs at this depth, or nothing calibrated: the same as exits off
+        if len(runs) == SIMULATED_RUNS_AT_ONCE:
+            score_runs()
         runs[config], works[config] = {}, []
         pruner = reranker.pruner(config, config.candidates) if config.keep is not None else None
         for position, (query, trace) in enumerate(zip(dev, traces[_base(config)])):
@@ -350,9 +363,9 @@ def _simulate(reranker: Reranker, dev: list[_DevQuery], traces: Mapping[tuple[fl
                                         reranker.max_padding, flops_cache)
             runs[config][query.qid] = assemble(query.all_docids, values)
             works[config].append(work)
-    names = {config: f"c{i}" for i, config in enumerate(runs)}
-    evaluation = evaluate(dev_qrels, {names[config]: run for config, run in runs.items()}, ["ndcg@10"])
-    return works, {config: evaluation.scores[names[config]]["ndcg@10"] for config in runs}
+    if runs:
+        score_runs()
+    return works, ndcg
 
 
 def _base(config: RerankConfig) -> tuple[float, float, int]:
