@@ -59,7 +59,7 @@ DEFAULT_EXIT_RISKS = (None, 0.01, 0.03, 0.1, 0.2, 0.3)
 DEFAULT_KEEPS = (10, 20, 30)
 # exits=True runs at the largest risk that costs the full network at most this much dev nDCG@10.
 DEFAULT_RISK_TOLERANCE = 0.005
-# Simulated runs are scored and dropped this many at a time: all of a 18,000-configuration grid's runs at once
+# Simulated runs are scored and dropped this many at a time: all of an 18,000-configuration grid's runs at once
 # (100 scores per dev query each) outgrew 24 GB.
 SIMULATED_RUNS_AT_ONCE = 500
 # A dearer frontier (or ladder) configuration must gain more dev nDCG@10 than this over the cheaper one.
