@@ -116,3 +116,18 @@ def test_bench_json_has_the_contract_keys(tmp_path, capsys):
                 "rankshrink_ndcg@10"):
         assert key in values and values[key] is not None, key
     assert values["queries"] == 2 and values["repeats"] == 1
+
+
+def test_bench_reranks_fewer_candidates_than_the_peer_when_asked(tmp_path, capsys):
+    """--peer-candidates 30 --candidates 10: the peer reranks each query's top 30, rankshrink its first 10;
+    --peer-max-length 48 --max-length 32: the peer reads 48 tokens a pair, rankshrink 32."""
+    files = Files(tmp_path, queries=2)
+    common = ["bench", "--run", str(files.run), "--topics", str(files.topics), "--collection", str(files.collection),
+              "--model", str(files.model), "--repeats", "1", "--max-length", "32", "--no-exits", "--quiet",
+              "--threads", "1", "--candidates", "10"]
+    assert main([*common, "--peer-candidates", "30", "--peer-max-length", "48", "--json"]) == 0
+    values = json.loads(capsys.readouterr().out)
+    assert values["candidates"] == 30 and values["max_length"] == 48
+    assert [label.split()[2:4] for label in values["configs"]] == [["L32", "K10"]]
+    assert main([*common, "--peer-candidates", "5"]) == 2
+    assert "--peer-candidates (5) must be at least --candidates (10)" in capsys.readouterr().err

@@ -25,6 +25,13 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes over the queries (default: %(default)s)")
     parser.add_argument("--budget-ms", type=float, help="rankshrink within this budget per query (needs a profile)")
     parser.add_argument("--peer-threads", type=int, default=2, help="the peer's intra-op threads (default: %(default)s)")
+    parser.add_argument("--peer-candidates", type=int,
+                        help="the peer reranks each query's first N candidates, of which rankshrink reranks "
+                             "--candidates (the rest follow in first-stage order): e.g. 100, to compare reranking "
+                             "fewer of the same top 100 (default: --candidates)")
+    parser.add_argument("--peer-max-length", type=int,
+                        help="the peer's tokens per pair, where rankshrink runs at --max-length (default: "
+                             "--max-length)")
     parser.add_argument("--json", action="store_true",
                         help="print JSON: peer_ms_median, rankshrink_ms_median, rankshrink_ms_p95, speedup, "
                              "peer_ndcg@10, rankshrink_ndcg@10 (and more)")
@@ -43,6 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if args.budget_ms is not None and not args.budget_ms >= 0:
         raise InputError(f"--budget-ms must be >= 0, got {args.budget_ms}")
     exits = exits_option(args)
+    peer_candidates = args.candidates if args.peer_candidates is None else args.peer_candidates
+    peer_max_length = args.max_length if args.peer_max_length is None else args.peer_max_length
+    if peer_candidates < args.candidates:
+        raise InputError(f"--peer-candidates ({peer_candidates}) must be at least --candidates ({args.candidates}): "
+                         f"rankshrink reranks its candidates from the peer's")
     if args.budget_ms is not None:
         arm = Arm(budget_ms=args.budget_ms)
     else:
@@ -52,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         arm = Arm(config=config, model_exits=exits is True)
     result = bench(args.model, read_run(args.run), read_topics(args.topics), open_collection(args.collection),
                    read_qrels(args.qrels) if args.qrels else None, arms={"rankshrink": arm}, queries=args.queries,
-                   repeats=args.repeats, candidates=args.candidates, max_length=args.max_length, dtype=args.dtype,
+                   repeats=args.repeats, candidates=peer_candidates, max_length=peer_max_length, dtype=args.dtype,
                    threads=args.threads, peer_threads=args.peer_threads, top_k=args.top_k, progress=not args.quiet)
     summary = result.summary()["rankshrink"]
     if args.json:
