@@ -209,6 +209,27 @@ def test_a_fused_run_scores_only_the_data_sets_that_have_it(tiny_data):
         teacher_from_spec({"run": "dense"}, runs_by_source).score(without)
 
 
+def test_a_repeated_data_set_is_drawn_that_many_times_an_epoch(tiny_data):
+    """``data[i].repeat`` puts each of that data set's training lists in an epoch N times (the held-out lists
+    once); repeat 1, the default, leaves a recipe's fingerprint as it was without the key."""
+    d = tiny_data["dir"]
+    section = tiny_section(tiny_data, cache=str(d / "c-repeat"))
+    once = Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None)
+    train_once, held_once = once.load_data()
+    section["data"][0]["repeat"] = 3
+    thrice = Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None)
+    train_thrice, held_thrice = thrice.load_data()
+    assert [group.key for group in train_thrice] == [group.key for group in train_once for _ in range(3)]
+    assert [group.key for group in held_thrice] == [group.key for group in held_once]
+    assert thrice.fingerprint != once.fingerprint
+    section["data"][0]["repeat"] = 1
+    assert Trainer(train_spec_from_dict(section), progress=False).fingerprint == once.fingerprint
+    for bad in (0, 2.5, True):
+        section["data"][0]["repeat"] = bad
+        with pytest.raises(InputError, match=r"data\[0\]\.repeat: expected a positive integer"):
+            train_spec_from_dict(section)
+
+
 def test_a_data_set_with_its_own_teacher_is_scored_by_it(tiny_data):
     """``data[i].teacher`` replaces the recipe's teacher for that data set's lists only (the offline recipe
     gives pseudo-queries, which no SPLADE run covers, a SPLADE-tiny fusion)."""

@@ -70,6 +70,9 @@ class Trainer:
             del recipe["losses"]["exit_offset"]
         for key in ("output", "checkpoint_every", "smoke"):   # they do not change what is trained
             del recipe[key]
+        for data in recipe["data"]:
+            if data["repeat"] == 1:
+                del data["repeat"]
         for stage in TRAINED_STAGES:
             if recipe.get(stage) and recipe[stage]["keep"] == "best":
                 del recipe[stage]["keep"]
@@ -131,7 +134,8 @@ class Trainer:
             self._score_with_teachers(train, run_files)
         elif self.spec.losses.teacher_kl:
             raise InputError("losses.teacher_kl is set but the recipe has no teacher")
-        return train, held_out
+        repeats = {data.name: data.repeat for data in self.spec.data}
+        return [group for group in train for _ in range(repeats[group.source])], held_out
 
     def _score_with_teachers(self, train: list[TrainingGroup], run_files: dict[str, dict[str, Path]]) -> None:
         """Each data set's lists are scored by its own teacher (``data.teacher``) or else the recipe's."""
@@ -257,7 +261,7 @@ class Trainer:
             # Two runs of one recipe that differ here saw different lists or teacher scores; that agree, trained
             # differently from the same inputs.
             "inputs_digest": inputs_digest, "logs": str(self.log_dir),
-            "train_queries": len(train), "held_out_queries": len(held_out),
+            "train_queries": len({group.key for group in train}), "held_out_queries": len(held_out),
             "elapsed_s_this_run": round(time.time() - started, 1),
         }
         save_model(model, self.spec.output)

@@ -14,6 +14,7 @@
           qrels: ../shared/trec-dl/dl21/qrels.txt          # optional: hard labels
           runs: {bm25: ../shared/trec-dl/dl21/runs/bm25.top100.trec, ...}
           held_out: 13                                     # queries kept aside for model selection
+          repeat: 1                                        # optional: each training list N times an epoch
         - name: msmarco-train                    # online: MS MARCO train, judged queries, BM25 negatives
           topics: msmarco-passage/train/judged             # ir_datasets ids work for topics, qrels, collection
           qrels: msmarco-passage/train/judged
@@ -72,6 +73,7 @@ class DataSpec:
     search: SearchSpec | None = None   # candidates from a BM25 search instead of (or besides) run files
     pseudo_queries: PseudoQuerySpec | None = None   # queries cut from the collection's passages (pseudo.py)
     teacher: dict[str, Any] | None = None   # this data set's teacher, instead of the recipe's
+    repeat: int = 1                 # each training list drawn this many times an epoch (weights a small data set)
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,9 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         earlier = [j for j, other in enumerate(data[:i]) if other.get("name") == item["name"]]
         if earlier:
             raise InputError(f"{where}.data[{i}].name {item['name']!r} is already data[{earlier[0]}]'s")
+        repeat = item.get("repeat", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise InputError(f"{where}.data[{i}].repeat: expected a positive integer, got {repeat!r}")
         search = item.get("search")
         if search is not None:
             search = _build(SearchSpec, search, f"{where}.data[{i}].search")
