@@ -85,6 +85,15 @@ def test_bench_times_both_sides_and_reports_both_ndcgs(tmp_path):
         assert [d for d, _ in trec_order(docs)] == [d for d, _ in trec_order(files.first_stage[qid])]
 
 
+def test_bench_refuses_an_arm_with_more_candidates_than_it_gives(tmp_path):
+    """A fixed arm of K candidates on a bench of fewer would rerank what it is given under K's name."""
+    files = Files(tmp_path, queries=2)
+    arms = {"full": Arm(config=RerankConfig(1.0, 1.0, 48, 30, None))}
+    with pytest.raises(InputError, match="arm 'full' reranks 30 candidates, more than the 20"):
+        bench(files.model, files.first_stage, files.topics_map, files.passages, arms=arms, repeats=1,
+              candidates=20, max_length=48, dtype="fp32", threads=1, progress=False)
+
+
 def test_each_arm_has_an_engine_of_its_own(tmp_path, monkeypatch):
     """A budget arm's load estimate follows its own calls only: a fixed arm's (a configuration the profile
     never timed, mispredicted) would move the budget arm's choices, as it never could in a serving process."""

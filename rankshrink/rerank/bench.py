@@ -154,6 +154,10 @@ def bench(model_dir: str | os.PathLike, run: Run, topics: Topics, collection: An
         raise InputError("no query to bench")
     if qrels is not None and not any(qid in qrels for qid in qids):
         raise InputError(f"the qrels judge none of the {len(qids)} benched queries (first: {qids[0]!r})")
+    for name, arm in arms.items():
+        if arm.config is not None and arm.config.candidates > candidates:
+            raise InputError(f"arm {name!r} reranks {arm.config.candidates} candidates, more than the "
+                             f"{candidates} the bench gives the peer and every arm")
     peer = load_peer(model_dir, max_length)
     model = load_model(model_dir)
     if threads is None:   # as the model was profiled (its cost model holds for that), else as the peer
