@@ -230,6 +230,25 @@ def test_a_repeated_data_set_is_drawn_that_many_times_an_epoch(tiny_data):
             train_spec_from_dict(section)
 
 
+def test_set_reaches_a_data_set_by_its_name():
+    """``--set data.dl21.repeat=5`` changes the offline recipe's dl21 data set alone; a name that is not
+    there, or a list without a name, is an error that says so."""
+    from rankshrink.cli.train import read_train_section
+
+    recipe = REPO / "pipelines" / "trec-dl-offline.yaml"
+    section = read_train_section(recipe, ["data.dl21.repeat=5", "stages.full.steps=10"])
+    assert {data["name"]: data.get("repeat") for data in section["data"]} == \
+        {"dl21": 5, "dl22": None, "dl21-pseudo": None, "dl22-pseudo": None}
+    assert section["stages"]["full"]["steps"] == 10
+    assert train_spec_from_dict(section).data[0].repeat == 5
+    with pytest.raises(InputError, match="no item named 'dl23'"):
+        read_train_section(recipe, ["data.dl23.repeat=5"])
+    with pytest.raises(InputError, match=r"name one of data's items \(data.NAME.KEY\)"):
+        read_train_section(recipe, ["data.repeat=5"])
+    with pytest.raises(InputError, match="seed is not a mapping"):
+        read_train_section(recipe, ["seed.x=1"])
+
+
 def test_a_data_set_with_its_own_teacher_is_scored_by_it(tiny_data):
     """``data[i].teacher`` replaces the recipe's teacher for that data set's lists only (the offline recipe
     gives pseudo-queries, which no SPLADE run covers, a SPLADE-tiny fusion)."""

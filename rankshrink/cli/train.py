@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                         help="a few queries, candidates and steps: checks the whole recipe end to end in minutes")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train: key, dotted for nested ones (e.g. losses.hidden_mse=0, "
-                             "stages.full.steps=100, output=models/ablation); YAML values")
+                             "stages.full.steps=100, data.dl21.repeat=5: a data set by its name, "
+                             "output=models/ablation); YAML values")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 
@@ -43,11 +44,23 @@ def read_train_section(recipe: Path, overrides: list[str]) -> dict:
         target = section
         *parents, last = key.split(".")
         for part in parents:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise InputError(f"--set {override!r}: {part} is not a mapping")
+            target = _child(target, part, override)
+        if not isinstance(target, dict):
+            raise InputError(f"--set {override!r}: name one of {parents[-1]}'s items (data.NAME.KEY)")
         target[last] = yaml.safe_load(value)
     return section
+
+
+def _child(target: dict | list, part: str, override: str) -> dict | list:
+    if isinstance(target, list):   # data sets, by name
+        named = [item for item in target if isinstance(item, dict) and item.get("name") == part]
+        if not named:
+            raise InputError(f"--set {override!r}: no item named {part!r}")
+        return named[0]
+    child = target.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise InputError(f"--set {override!r}: {part} is not a mapping")
+    return child
 
 
 def run(args: argparse.Namespace) -> int:
