@@ -226,7 +226,7 @@ def test_a_repeated_data_set_is_drawn_that_many_times_an_epoch(tiny_data):
     assert Trainer(train_spec_from_dict(section), progress=False).fingerprint == once.fingerprint
     for bad in (0, 2.5, True):
         section["data"][0]["repeat"] = bad
-        with pytest.raises(InputError, match=r"data\[0\]\.repeat: expected a positive integer"):
+        with pytest.raises(InputError, match=r"data\[0\]\.repeat must be a positive integer"):
             train_spec_from_dict(section)
 
 

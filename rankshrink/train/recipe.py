@@ -56,7 +56,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from .teacher import check_teacher_spec
 
 
@@ -278,9 +278,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         earlier = [j for j, other in enumerate(data[:i]) if other.get("name") == item["name"]]
         if earlier:
             raise InputError(f"{where}.data[{i}].name {item['name']!r} is already data[{earlier[0]}]'s")
-        repeat = item.get("repeat", 1)
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-            raise InputError(f"{where}.data[{i}].repeat: expected a positive integer, got {repeat!r}")
+        check_integer(f"{where}.data[{i}].repeat", item.get("repeat", 1), optional=False)
         search = item.get("search")
         if search is not None:
             search = _build(SearchSpec, search, f"{where}.data[{i}].search")
