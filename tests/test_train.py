@@ -211,22 +211,34 @@ def test_a_fused_run_scores_only_the_data_sets_that_have_it(tiny_data):
 
 def test_a_repeated_data_set_is_drawn_that_many_times_an_epoch(tiny_data):
     """``data[i].repeat`` puts each of that data set's training lists in an epoch N times (the held-out lists
-    once); repeat 1, the default, leaves a recipe's fingerprint as it was without the key."""
+    once); per stage (``{full: 3}``) in the stages it names alone; repeat 1, the default, leaves a recipe's
+    fingerprint as it was without the key."""
     d = tiny_data["dir"]
     section = tiny_section(tiny_data, cache=str(d / "c-repeat"))
-    once = Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None)
-    train_once, held_once = once.load_data()
+    quiet = {"progress": False, "log": lambda message: None}
+    once = Trainer(train_spec_from_dict(section), **quiet)
+    train, held_out = once.load_data()
+    keys = [group.key for group in train]
+    assert len(set(keys)) == len(keys)
     section["data"][0]["repeat"] = 3
-    thrice = Trainer(train_spec_from_dict(section), progress=False, log=lambda message: None)
-    train_thrice, held_thrice = thrice.load_data()
-    assert [group.key for group in train_thrice] == [group.key for group in train_once for _ in range(3)]
-    assert [group.key for group in held_thrice] == [group.key for group in held_once]
+    thrice = Trainer(train_spec_from_dict(section), **quiet)
+    assert [group.key for group in thrice.load_data()[1]] == [group.key for group in held_out]
+    for stage in ("full", "rewire", "depth"):
+        assert [group.key for group in thrice.stage_lists(train, stage)] == [key for key in keys for _ in range(3)]
     assert thrice.fingerprint != once.fingerprint
-    section["data"][0]["repeat"] = 1
-    assert Trainer(train_spec_from_dict(section), progress=False).fingerprint == once.fingerprint
-    for bad in (0, 2.5, True):
+    section["data"][0]["repeat"] = {"full": 3, "rewire": 1}
+    in_full = Trainer(train_spec_from_dict(section), **quiet)
+    assert [group.key for group in in_full.stage_lists(train, "full")] == [key for key in keys for _ in range(3)]
+    assert [group.key for group in in_full.stage_lists(train, "width")] == keys
+    assert in_full.fingerprint not in (once.fingerprint, thrice.fingerprint)
+    for unrepeated in (1, {"full": 1}, {}):
+        section["data"][0]["repeat"] = unrepeated
+        assert Trainer(train_spec_from_dict(section), **quiet).fingerprint == once.fingerprint
+    for bad, message in ((0, r"data\[0\]\.repeat must be a positive integer"), (2.5, "positive integer"),
+                         (True, "positive integer"), ({"full": 0}, r"repeat\.full must be a positive integer"),
+                         ({"fulll": 2}, r"unknown stage\(s\) \['fulll'\]")):
         section["data"][0]["repeat"] = bad
-        with pytest.raises(InputError, match=r"data\[0\]\.repeat must be a positive integer"):
+        with pytest.raises(InputError, match=message):
             train_spec_from_dict(section)
 
 

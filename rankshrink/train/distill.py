@@ -50,10 +50,9 @@ from .averaging import WeightAverage
 from .groups import TrainingGroup, build_groups, sample_list, split_queries
 from .pseudo import pseudo_queries
 from .losses import hidden_mse, list_offset, listwise_ce, listwise_kl
-from .recipe import StageSpec, TrainSpec
+from .recipe import STAGES, StageSpec, TrainSpec
 from .teacher import model_fingerprint, score_groups, teacher_from_spec
 
-STAGES = ("full", "rewire", "width", "depth", "exits")
 TRAINED_STAGES = tuple(stage for stage in STAGES if stage != "rewire")   # the stages with steps
 EXIT_STAGE_KEYS = ("exits", "exit_pooling")   # what the exits stage reads and the network's stages do not
 HEAD_LR_SCALE = 10
@@ -93,8 +92,8 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------
 
     def load_data(self) -> tuple[list[TrainingGroup], list[TrainingGroup]]:
-        """Training and held-out groups of every data set, teacher-scored (through the cache). Data sets with
-        pseudo-queries come last: their queries never come from the held-out queries' candidates."""
+        """Training and held-out groups of every data set, each once, teacher-scored (through the cache). Data
+        sets with pseudo-queries come last: their queries never come from the held-out queries' candidates."""
         train, held_out = [], []
         run_files: dict[str, dict[str, Path]] = {}
         for data in sorted(self.spec.data, key=lambda data: data.pseudo_queries is not None):
@@ -134,8 +133,13 @@ class Trainer:
             self._score_with_teachers(train, run_files)
         elif self.spec.losses.teacher_kl:
             raise InputError("losses.teacher_kl is set but the recipe has no teacher")
-        repeats = {data.name: data.repeat for data in self.spec.data}
-        return [group for group in train for _ in range(repeats[group.source])], held_out
+        return train, held_out
+
+    def stage_lists(self, train: Sequence[TrainingGroup], stage: str) -> list[TrainingGroup]:
+        """``train`` as an epoch of ``stage`` draws it: each list as many times as its data set's ``repeat``
+        says for the stage, its copies side by side."""
+        repeats = {data.name: data.repeat_in(stage) for data in self.spec.data}
+        return [group for group in train for _ in range(repeats[group.source])]
 
     def _score_with_teachers(self, train: list[TrainingGroup], run_files: dict[str, dict[str, Path]]) -> None:
         """Each data set's lists are scored by its own teacher (``data.teacher``) or else the recipe's."""
@@ -234,7 +238,7 @@ class Trainer:
                 continue
             if stage == "rewire":
                 if self.spec.rewire:
-                    self._rewire(model, train)
+                    self._rewire(model, self.stage_lists(train, stage))
             else:
                 stage_spec: StageSpec = getattr(self.spec, stage)
                 if stage_spec.steps > 0:
@@ -243,7 +247,8 @@ class Trainer:
                         save_model(model, before_exits)
                     if stage in ("width", "depth") and self.spec.losses.reference == "frozen":
                         self.reference = self._frozen_reference(model)
-                    self._train_stage(stage, stage_spec, model, train, held_out, resume, summary)
+                    self._train_stage(stage, stage_spec, model, self.stage_lists(train, stage), held_out, resume,
+                                      summary)
             if held_out:
                 summary["dev"][stage] = (self.exit_dev_scores(model, held_out) if stage == "exits"
                                          else self.dev_scores(model, held_out))
@@ -261,7 +266,7 @@ class Trainer:
             # Two runs of one recipe that differ here saw different lists or teacher scores; that agree, trained
             # differently from the same inputs.
             "inputs_digest": inputs_digest, "logs": str(self.log_dir),
-            "train_queries": len({group.key for group in train}), "held_out_queries": len(held_out),
+            "train_queries": len(train), "held_out_queries": len(held_out),
             "elapsed_s_this_run": round(time.time() - started, 1),
         }
         save_model(model, self.spec.output)

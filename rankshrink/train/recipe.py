@@ -14,7 +14,8 @@
           qrels: ../shared/trec-dl/dl21/qrels.txt          # optional: hard labels
           runs: {bm25: ../shared/trec-dl/dl21/runs/bm25.top100.trec, ...}
           held_out: 13                                     # queries kept aside for model selection
-          repeat: 1                                        # optional: each training list N times an epoch
+          repeat: 1                                        # optional: each training list N times an epoch,
+                                                           # or per stage: {full: 5, rewire: 5} (others once)
         - name: msmarco-train                    # online: MS MARCO train, judged queries, BM25 negatives
           topics: msmarco-passage/train/judged             # ir_datasets ids work for topics, qrels, collection
           qrels: msmarco-passage/train/judged
@@ -59,6 +60,7 @@ from typing import Any, Literal
 from ..errors import InputError, check_integer
 from .teacher import check_teacher_spec
 
+STAGES = ("full", "rewire", "width", "depth", "exits")
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -73,7 +75,12 @@ class DataSpec:
     search: SearchSpec | None = None   # candidates from a BM25 search instead of (or besides) run files
     pseudo_queries: PseudoQuerySpec | None = None   # queries cut from the collection's passages (pseudo.py)
     teacher: dict[str, Any] | None = None   # this data set's teacher, instead of the recipe's
-    repeat: int = 1                 # each training list drawn this many times an epoch (weights a small data set)
+    repeat: int | dict[str, int] = 1   # each training list this many times an epoch (weights a small data set);
+                                       # a mapping: per stage, the stages it leaves out once
+
+    def repeat_in(self, stage: str) -> int:
+        """How many times each of this data set's training lists goes into an epoch of ``stage``."""
+        return self.repeat.get(stage, 1) if isinstance(self.repeat, dict) else self.repeat
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,18 @@ def _at_least(value: float, least: float, where: str) -> None:
         raise InputError(f"{where}: must be at least {least:g}, got {value!r}")
 
 
+def _repeat(value: Any, where: str) -> int | dict[str, int]:
+    """``repeat: N`` (every stage) or ``{stage: N}`` (the stages it names; the others once), its 1s dropped: a
+    recipe that repeats nothing keeps the fingerprint it had without the key."""
+    if not isinstance(value, Mapping):
+        return check_integer(where, value, optional=False)
+    unknown = sorted(set(value) - set(STAGES))
+    if unknown:
+        raise InputError(f"{where}: unknown stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+    counts = {stage: check_integer(f"{where}.{stage}", count, optional=False) for stage, count in value.items()}
+    return {stage: count for stage, count in counts.items() if count != 1} or 1
+
+
 def _pseudo_spec(item: Mapping[str, Any], where: str) -> PseudoQuerySpec:
     clashing = [key for key in ("topics", "qrels", "runs", "held_out") if item.get(key)]
     if clashing:
@@ -278,7 +297,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         earlier = [j for j, other in enumerate(data[:i]) if other.get("name") == item["name"]]
         if earlier:
             raise InputError(f"{where}.data[{i}].name {item['name']!r} is already data[{earlier[0]}]'s")
-        check_integer(f"{where}.data[{i}].repeat", item.get("repeat", 1), optional=False)
+        item = {**item, "repeat": _repeat(item.get("repeat", 1), f"{where}.data[{i}].repeat")}
         search = item.get("search")
         if search is not None:
             search = _build(SearchSpec, search, f"{where}.data[{i}].search")
@@ -289,7 +308,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         specs.append(_build(DataSpec, {**item, "runs": dict(item.get("runs") or {}), "search": search},
                             f"{where}.data[{i}]"))
     stages = dict(section.pop("stages", {}) or {})
-    unknown = sorted(set(stages) - {"full", "rewire", "width", "depth", "exits"})
+    unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected full, rewire, width, depth, exits")
     if "exit_pooling" in section:
