@@ -62,6 +62,7 @@ from .teacher import check_teacher_spec
 
 STAGES = ("full", "rewire", "width", "depth", "exits")
 
+
 @dataclass(frozen=True)
 class DataSpec:
     name: str
@@ -76,7 +77,7 @@ class DataSpec:
     pseudo_queries: PseudoQuerySpec | None = None   # queries cut from the collection's passages (pseudo.py)
     teacher: dict[str, Any] | None = None   # this data set's teacher, instead of the recipe's
     repeat: int | dict[str, int] = 1   # each training list this many times an epoch (weights a small data set);
-                                       # a mapping: per stage, the stages it leaves out once
+                                       # a mapping ({full: 5}) names stages; the others draw each once
 
     def repeat_in(self, stage: str) -> int:
         """How many times each of this data set's training lists goes into an epoch of ``stage``."""
