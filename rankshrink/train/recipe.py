@@ -311,7 +311,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
     stages = dict(section.pop("stages", {}) or {})
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected full, rewire, width, depth, exits")
+        raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected {', '.join(STAGES)}")
     if "exit_pooling" in section:
         raise InputError(f"{where}: exit_pooling belongs to the exits stage (stages: {{exits: {{pooling: ...}}}})")
     if "depth_layers" in section:
