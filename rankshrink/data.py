@@ -64,6 +64,15 @@ def json_digest(value, length: int = 32) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes: a cache key that a copy, a move or a new modification time leaves alone."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_umask() -> int:
     mask = os.umask(0)  # the only portable way to read it; done once, at import, before any threads
     os.umask(mask)

@@ -3,6 +3,7 @@ random BERT and a tiny data set written here; the real recipe's --smoke run on .
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -832,7 +833,13 @@ def test_pseudo_query_data_sets_are_searched_in_their_own_index_and_teacher_scor
     again, _ = Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
     assert [g.query for g in again if g.source == "pool"] == [g.query for g in pseudo]
     assert (index.stat().st_mtime_ns, run_file.stat().st_mtime_ns) == stamps      # neither rebuilt
+    os.utime(d / "pool.jsonl", ns=(stamps[0] + 10**9, stamps[0] + 10**9))     # the same bytes, a new mtime
+    Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
     assert sum("indexing" in message for message in messages) == 1
+    with open(d / "pool.jsonl", "a") as pool:                                  # new bytes: a new index
+        pool.write(json.dumps({"id": "p10", "contents": "u10w0 river u10w1 light"}) + "\n")
+    Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
+    assert len(list((d / "c-pseudo" / "indexes").glob("pool-*"))) == 2
 
 
 @pytest.mark.parametrize("pool_change, message", [

@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import (atomic_write, json_digest, open_collection, read_qrels, read_run, read_topics, trec_order,
-                    write_run)
+from ..data import (atomic_write, file_sha256, json_digest, open_collection, read_qrels, read_run, read_topics,
+                    trec_order, write_run)
 from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
@@ -190,11 +190,13 @@ class Trainer:
         return path
 
     def _collection_index(self, data) -> Path:
-        """A Lucene index of ``data.collection`` in the cache, built on first use (keyed by ``source_identity``)."""
+        """A Lucene index of ``data.collection`` in the cache, built on first use. A file is keyed by its content,
+        so a copy or a new modification time (a fresh checkout, a synced share) finds the index it already has."""
         from ..firststage.bm25 import build_index
-        from ..firststage.building import source_identity
 
-        index = self.cache / "indexes" / f"{data.name}-{json_digest(source_identity(data.collection), 16)}"
+        source = Path(data.collection)
+        identity = {"sha256": file_sha256(source)} if source.is_file() else {"irds": str(data.collection)}
+        index = self.cache / "indexes" / f"{data.name}-{json_digest(identity, 16)}"
         if not index.is_dir():
             self.log(f"{data.name}: indexing {data.collection} for BM25 into {index}")
             index.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Run, atomic_write, json_digest, read_run
+from ..data import Run, atomic_write, file_sha256, json_digest, read_run
 from ..errors import InputError, error_summary
 from .groups import TrainingGroup
 
@@ -248,7 +248,7 @@ def _z_normalised(scores: np.ndarray) -> np.ndarray:
 def _file_digest(path: Path) -> str:
     if not path.is_file():
         raise InputError(f"{path}: no such run file")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def _split(flat: np.ndarray, groups: Sequence[TrainingGroup]) -> list[np.ndarray]:
