@@ -440,6 +440,8 @@ def test_a_teacher_that_is_neither_a_directory_nor_on_the_hub_is_named():
     ({"stages": {"exits": {"steps": 2, "pooling": "max"}}}, r"train.stages.exits.pooling: expected one of"),
     ({"exit_pooling": "pair"}, "exit_pooling belongs to the exits stage"),
     ({"depth_layers": "prefix"}, "depth_layers belongs to the depth stage"),
+    ({"rewire": False}, r"train: rewire belongs to the rewire stage \(stages: \{rewire: \{enabled: ...\}\}\)"),
+    ({"rewire_lists": 8}, r"rewire_lists belongs to the rewire stage \(stages: \{rewire: \{lists: ...\}\}\)"),
     ({"stages": {"depth": {"layers": "first"}}}, r"train.stages.depth.layers: expected one of \['spread', 'prefix'\]"),
     ({"stages": {"depth": {"pooling": "pair"}}}, "train.stages.depth.pooling: only with layers: prefix"),
     ({"stages": {"depth": {"layers": "prefix"}, "exits": {"steps": 2}}}, "an exits stage would replace them"),
