@@ -804,19 +804,27 @@ def test_pseudo_queries_are_content_word_spans_of_passages_outside_the_excluded(
     assert len(pseudo_queries(passages[:5], 12, seed=5)) == 5                     # no more than there are sources
 
 
+def _write_pool(path: Path) -> dict[str, str]:
+    shared = ["river", "light", "water", "road", "rain", "grass", "city", "fish"]
+    texts = {f"p{i}": " ".join(f"u{i}w{j} {shared[(3 * i + j) % 8]}" for j in range(6)) for i in range(10)}
+    path.write_text("".join(json.dumps({"id": docid, "contents": text}) + "\n" for docid, text in texts.items()))
+    return texts
+
+
+def _with_pool(section: dict, d: Path) -> dict:
+    section["data"].append({"name": "pool", "collection": str(d / "pool.jsonl"),
+                            "pseudo_queries": {"count": 5, "max_words": 6}, "search": {"k": 4}})
+    return section
+
+
 def test_pseudo_query_data_sets_are_searched_in_their_own_index_and_teacher_scored(tiny_data):
     """Unlabelled queries cut from a pool: indexed once into the cache, BM25 candidates cached, teacher-scored
     by the fusion parts that apply, never cut from a held-out query's candidates."""
     from rankshrink.data import read_run
 
     d = tiny_data["dir"]
-    shared = ["river", "light", "water", "road", "rain", "grass", "city", "fish"]
-    texts = {f"p{i}": " ".join(f"u{i}w{j} {shared[(3 * i + j) % 8]}" for j in range(6)) for i in range(10)}
-    (d / "pool.jsonl").write_text("".join(json.dumps({"id": docid, "contents": text}) + "\n"
-                                          for docid, text in texts.items()))
-    section = tiny_section(tiny_data, cache=str(d / "c-pseudo"), output=str(d / "pseudo"))
-    section["data"].append({"name": "pool", "collection": str(d / "pool.jsonl"),
-                            "pseudo_queries": {"count": 5, "max_words": 6}, "search": {"k": 4}})
+    texts = _write_pool(d / "pool.jsonl")
+    section = _with_pool(tiny_section(tiny_data, cache=str(d / "c-pseudo"), output=str(d / "pseudo")), d)
     messages = []
     trainer = Trainer(train_spec_from_dict(section), progress=False, log=messages.append)
     train_groups, held_out = trainer.load_data()
@@ -842,6 +850,30 @@ def test_pseudo_query_data_sets_are_searched_in_their_own_index_and_teacher_scor
         pool.write(json.dumps({"id": "p10", "contents": "u10w0 river u10w1 light"}) + "\n")
     Trainer(train_spec_from_dict(section), progress=False, log=messages.append).load_data()
     assert len(list((d / "c-pseudo" / "indexes").glob("pool-*"))) == 2
+
+
+def test_a_pool_index_published_by_another_trainer_meanwhile_is_kept_not_replaced(tiny_data, monkeypatch):
+    """Two trainers sharing a cache (two seeds at once) may both build a pool's index. The one that finishes
+    second keeps the first one's: replacing an index's files under the other's open reader corrupts its search."""
+    from rankshrink.firststage import bm25
+
+    d = tiny_data["dir"]
+    _write_pool(d / "pool.jsonl")
+    section = _with_pool(tiny_section(tiny_data, cache=str(d / "c-race"), output=str(d / "race")), d)
+    build_index, first = bm25.build_index, {}
+
+    def racing(collection, index_dir, **options):
+        if not first:   # the other trainer publishes the same index while this one builds
+            target = index_dir.parent.parent / index_dir.parent.name[1:].rsplit(".", 1)[0]
+            build_index(collection, target, progress=False)
+            first["inode"] = target.stat().st_ino
+        return build_index(collection, index_dir, **options)
+
+    monkeypatch.setattr(bm25, "build_index", racing)
+    train_groups, _ = Trainer(train_spec_from_dict(section), progress=False, log=lambda _: None).load_data()
+    [index] = (d / "c-race" / "indexes").iterdir()          # no staging directory left behind
+    assert index.name.startswith("pool-") and index.stat().st_ino == first["inode"]
+    assert any(group.source == "pool" for group in train_groups)
 
 
 @pytest.mark.parametrize("pool_change, message", [
