@@ -855,21 +855,21 @@ def test_pseudo_query_data_sets_are_searched_in_their_own_index_and_teacher_scor
 def test_a_pool_index_published_by_another_trainer_meanwhile_is_kept_not_replaced(tiny_data, monkeypatch):
     """Two trainers sharing a cache (two seeds at once) may both build a pool's index. The one that finishes
     second keeps the first one's: replacing an index's files under the other's open reader corrupts its search."""
+    import shutil
+
     from rankshrink.firststage import bm25
 
     d = tiny_data["dir"]
     _write_pool(d / "pool.jsonl")
     section = _with_pool(tiny_section(tiny_data, cache=str(d / "c-race"), output=str(d / "race")), d)
-    build_index, first = bm25.build_index, {}
+    publish, first = bm25.publish_directory, {}
 
-    def racing(collection, index_dir, **options):
-        if not first:   # the other trainer publishes the same index while this one builds
-            target = index_dir.parent.parent / index_dir.parent.name[1:].rsplit(".", 1)[0]
-            build_index(collection, target, progress=False)
-            first["inode"] = target.stat().st_ino
-        return build_index(collection, index_dir, **options)
+    def racing(new, target, **options):   # the other trainer publishes the same index just before this one
+        shutil.copytree(new, target)
+        first["inode"] = target.stat().st_ino
+        return publish(new, target, **options)
 
-    monkeypatch.setattr(bm25, "build_index", racing)
+    monkeypatch.setattr(bm25, "publish_directory", racing)
     train_groups, _ = Trainer(train_spec_from_dict(section), progress=False, log=lambda _: None).load_data()
     [index] = (d / "c-race" / "indexes").iterdir()          # no staging directory left behind
     assert index.name.startswith("pool-") and index.stat().st_ino == first["inode"]

@@ -109,7 +109,7 @@ def build_index(collection: str | Path | Collection, index_dir: str | Path, *, t
 
     The index is built in a hidden directory beside ``index_dir`` and renamed into place only when complete,
     so an interrupted build never leaves a directory that looks like an index. An existing ``index_dir`` is
-    replaced only with ``overwrite=True``. Passages with empty text are skipped (as Anserini does), with a warning.
+    replaced only with ``overwrite=True``; without it, an index another process finished there meanwhile is kept. Passages with empty text are skipped (as Anserini does), with a warning.
 
     >>> build_index("../shared/trec-dl/dl19/passages.jsonl", "indexes/dl19-passages", threads=2)
     IndexInfo(collection='../shared/trec-dl/dl19/passages.jsonl', documents=10852, ...)
@@ -147,7 +147,7 @@ def build_index(collection: str | Path | Collection, index_dir: str | Path, *, t
                          round(time.perf_counter() - started, 3), threads)
         with atomic_write(building / INDEX_INFO_FILE) as out:
             json.dump(asdict(info), out, indent=2)
-        publish_directory(building, index_dir)
+        publish_directory(building, index_dir, replace=overwrite)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

@@ -24,13 +24,24 @@ def check_writable_index_dir(index_dir: Path, overwrite: bool) -> None:
     index_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
-def publish_directory(new: Path, target: Path) -> None:
+def publish_directory(new: Path, target: Path, replace: bool = True) -> bool:
     """Move the finished build ``new`` to ``target`` (an old ``target`` is set aside first and deleted after
-    the swap), readable as any directory the user creates (mkdtemp made it private)."""
+    the swap), readable as any directory the user creates (mkdtemp made it private). With ``replace=False`` an
+    index that another process published at ``target`` during this build is kept and ``new`` deleted: replacing
+    its files under that process's open reader would corrupt its searches. Returns whether ``new`` was published."""
     umask = os.umask(0)
     os.umask(umask)
     for path in (new, *new.iterdir()):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    if not replace:
+        try:
+            os.rename(new, target)   # fails on a non-empty target, unlike os.replace of a file
+            return True
+        except OSError:
+            if not (target.is_dir() and any(target.iterdir())):
+                raise
+            shutil.rmtree(new, ignore_errors=True)
+            return False
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -38,6 +49,7 @@ def publish_directory(new: Path, target: Path) -> None:
     os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def batches(passages: Iterable, size: int) -> Iterator[list]:

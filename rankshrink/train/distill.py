@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -201,18 +200,7 @@ class Trainer:
         if not index.is_dir():
             self.log(f"{data.name}: indexing {data.collection} for BM25 into {index}")
             index.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{index.name}.", dir=index.parent))
-            try:
-                build_index(data.collection, staging / "index", progress=self.progress)
-                try:
-                    # Never over an index that a trainer sharing this cache published meanwhile: it may be
-                    # searching it, and replacing its files under an open Lucene reader corrupts that search.
-                    os.rename(staging / "index", index)
-                except OSError:
-                    if not index.is_dir():
-                        raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+            build_index(data.collection, index, progress=self.progress)   # keeps one a trainer beside made
         return index
 
     # -- the whole run --------------------------------------------------------------------------
