@@ -200,7 +200,7 @@ class Trainer:
         if not index.is_dir():
             self.log(f"{data.name}: indexing {data.collection} for BM25 into {index}")
             index.parent.mkdir(parents=True, exist_ok=True)
-            build_index(data.collection, index, progress=self.progress)   # keeps one a trainer beside made
+            build_index(data.collection, index, progress=self.progress)   # keeps one a concurrent trainer published
         return index
 
     # -- the whole run --------------------------------------------------------------------------

@@ -312,13 +312,11 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise InputError(f"{where}.stages: unknown stage(s) {unknown}; expected {', '.join(STAGES)}")
-    if "exit_pooling" in section:
-        raise InputError(f"{where}: exit_pooling belongs to the exits stage (stages: {{exits: {{pooling: ...}}}})")
-    if "depth_layers" in section:
-        raise InputError(f"{where}: depth_layers belongs to the depth stage (stages: {{depth: {{layers: ...}}}})")
-    for key, inner in (("rewire", "enabled"), ("rewire_lists", "lists")):
-        if key in section:   # else a recipe's stages.rewire would silently overrule it
-            raise InputError(f"{where}: {key} belongs to the rewire stage (stages: {{rewire: {{{inner}: ...}}}})")
+    # TrainSpec fields that a stage's settings fill in: set at the top level, a stage's would silently overrule them.
+    for key, stage, inner in (("exit_pooling", "exits", "pooling"), ("depth_layers", "depth", "layers"),
+                              ("rewire", "rewire", "enabled"), ("rewire_lists", "rewire", "lists")):
+        if key in section:
+            raise InputError(f"{where}: {key} belongs to the {stage} stage (stages: {{{stage}: {{{inner}: ...}}}})")
     from ..model.dynabert import DEPTH_LAYERS, EXIT_POOLINGS   # here: reading a recipe does not otherwise need torch
 
     def pooling_of(stage: dict, name: str) -> str:
