@@ -67,10 +67,15 @@ def json_digest(value, length: int = 32) -> str:
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes: a cache key that a copy, a move or a new modification time leaves alone."""
     digest = hashlib.sha256()
+    hash_file_into(digest, path)
+    return digest.hexdigest()
+
+
+def hash_file_into(digest, path: str | os.PathLike) -> None:
+    """Feed a file's bytes to a ``hashlib`` digest, 1 MiB at a time (constant memory for a 3 GB collection)."""
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_umask() -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import Run, atomic_write, file_sha256, json_digest, read_run
+from ..data import Run, atomic_write, file_sha256, hash_file_into, json_digest, read_run
 from ..errors import InputError, error_summary
 from .groups import TrainingGroup
 
@@ -64,9 +64,7 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[st
     files = sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file())
     for name in (f for f in files if not any(part.startswith(".") for part in f.parts)):   # not .cache/ etc.
         digest.update(str(name).encode() + b"\0")
-        with open(path / name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        hash_file_into(digest, path / name)
     return {"model": str(path.resolve()), "files_sha256": digest.hexdigest()}
 
 
