@@ -718,6 +718,46 @@ def test_a_sub_network_matches_the_hidden_states_of_what_its_layers_feed():
     assert matched(RankerOutput(torch.zeros(1), layers=[0, 1, 2]), False) == [1, 2, 3]
 
 
+def test_a_list_run_in_length_sorted_slices_scores_as_one_padded_batch(tiny_data):
+    """``micro_batches``: the list sorted by length and run in slices, each cut to its own longest pair, gives
+    the scores, exit scores and hidden states (at real tokens) of one padded batch; 1 keeps one batch."""
+    from rankshrink import load_model
+    from rankshrink.train.batches import forward_in_slices, length_sorted
+
+    model = load_model(tiny_data["base"]).eval()
+    passages = PASSAGES[::-1]
+    order, batch = length_sorted(model.tokenize([QUERIES[0]] * len(passages), passages, max_length=32))
+    lengths = batch["attention_mask"].sum(1)
+    assert sorted(order) == list(range(len(passages))) and bool((lengths.diff() >= 0).all())
+    assert [passages[i] for i in order][0] == "dog" and lengths[0] < lengths[-1]
+    shapes = []
+
+    def network(input_ids, attention_mask, token_type_ids, **options):
+        shapes.append(tuple(input_ids.shape))
+        return model(input_ids, attention_mask, token_type_ids, **options)
+
+    options = {"width": 0.5, "exits": "all", "output_hidden_states": True}
+    whole = network(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **options)
+    sliced = forward_in_slices(network, batch, 3, **options)
+    assert [rows for rows, _ in shapes[1:]] == [3, 2, 2] and shapes[1][1] < shapes[0][1] == shapes[3][1]
+    torch.testing.assert_close(sliced.score, whole.score)
+    assert set(sliced.exit_scores) == set(whole.exit_scores) and len(whole.exit_scores) > 1
+    for layer, scores in whole.exit_scores.items():
+        torch.testing.assert_close(sliced.exit_scores[layer], scores)
+    real = batch["attention_mask"].bool()
+    assert len(sliced.hidden_states) == len(whole.hidden_states) and sliced.layers == whole.layers
+    for joined, alone in zip(sliced.hidden_states, whole.hidden_states):
+        assert joined.shape == alone.shape and not joined[:3, shapes[1][1]:].any()   # the cut columns: zeros
+        torch.testing.assert_close(joined[real], alone[real])
+    assert forward_in_slices(network, batch, 1, **options).score.shape == (len(passages),)
+    assert shapes[-1] == shapes[0]
+    section = tiny_section(tiny_data)
+    one_batch = Trainer(train_spec_from_dict({**section, "micro_batches": 1}), progress=False)
+    assert one_batch.fingerprint != Trainer(train_spec_from_dict(section), progress=False).fingerprint
+    with pytest.raises(InputError, match="micro_batches: must be at least 1, got 0"):
+        train_spec_from_dict({**section, "micro_batches": 0})
+
+
 def test_offline_recipe_smoke_run(tmp_path):
     shared_path("trec-dl", "dl21")
     result = subprocess.run(

@@ -47,6 +47,7 @@ from ..errors import InputError
 from ..metrics import evaluate
 from ..model import DynamicCrossEncoder, head_neuron_importance, load_model, rewire, save_model
 from .averaging import WeightAverage
+from .batches import forward_in_slices, length_sorted
 from .groups import TrainingGroup, build_groups, sample_list, split_queries
 from .pseudo import pseudo_queries
 from .losses import hidden_mse, list_offset, listwise_ce, listwise_kl
@@ -69,6 +70,8 @@ class Trainer:
             del recipe["losses"]["exit_offset"]
         for key in ("output", "checkpoint_every", "smoke"):   # they do not change what is trained
             del recipe[key]
+        if spec.micro_batches == 1:   # one padded batch a list, as every recipe trained before the key
+            del recipe["micro_batches"]
         for data in recipe["data"]:
             if data["repeat"] == 1:
                 del data["repeat"]
@@ -373,6 +376,9 @@ class Trainer:
             group = groups[order.pop()]
             chosen = sample_list(group, spec.list_size, rng)
             batch = self._tokenize(model, group, chosen)
+            if spec.micro_batches > 1:
+                by_length, batch = length_sorted(batch)
+                chosen = [chosen[i] for i in by_length]
             picked = [configs[0], configs[-1]] + rng.sample(configs[1:-1], min(len(configs) - 2, stage_spec.configs - 2)) \
                 if len(configs) > 2 else configs
             with self.autocast:
@@ -453,11 +459,10 @@ class Trainer:
         frozen = stage in ("width", "depth") and weights.reference == "frozen"
         if frozen:  # DynaBERT: every configuration, the full one too, learns from the frozen reference
             with torch.no_grad():
-                full = self.reference(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                                      output_hidden_states=with_hidden)
+                full = self._forward(self.reference, batch, output_hidden_states=with_hidden)
         for width, depth in configs:
-            out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=width, depth=depth,
-                        exits="all" if with_exits else None, output_hidden_states=with_hidden)
+            out = self._forward(model, batch, width=width, depth=depth, exits="all" if with_exits else None,
+                                output_hidden_states=with_hidden)
             if full is None:  # the first config is the full network: it learns from teacher and labels
                 full = out
                 if teacher is not None:
@@ -506,8 +511,7 @@ class Trainer:
         parts: dict[str, torch.Tensor] = {}
         for width, depth in configs:
             with torch.no_grad():
-                out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], width=width,
-                            depth=depth, output_hidden_states=True)
+                out = self._forward(model, batch, width=width, depth=depth, output_hidden_states=True)
             exits = [model.exit_score(layer, out.hidden_states[position + 1], batch["attention_mask"],
                                       batch["token_type_ids"])
                      for position, layer in enumerate(out.layers[:-1]) if model.has_exit(layer)]
@@ -542,6 +546,9 @@ class Trainer:
                     runs.setdefault(f"exit-{layer + 1}", {})[group.qid] = dict(zip(group.docids, scores.float().tolist()))
         scores = evaluate(qrels, runs, ["ndcg@10"]).scores
         return {name: round(values["ndcg@10"], 4) for name, values in sorted(scores.items())}
+
+    def _forward(self, network: DynamicCrossEncoder, batch: dict[str, torch.Tensor], **options):
+        return forward_in_slices(network, batch, self.spec.micro_batches, **options)
 
     def _tokenize(self, model: DynamicCrossEncoder, group: TrainingGroup, chosen: Sequence[int]
                   ) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@
           - {run: splade-pp-ed, weight: 1.0}
       max_length: 96                             # tokens per (query, passage) pair while training
       list_size: 32                              # candidates per training list
+      micro_batches: 2                           # a list runs as length-sorted slices (less padding; 1: one batch)
       dtype: bf16                                # autocast dtype for training: bf16 | fp32
       losses: {teacher_kl: 1.0, temperature: 1.0, labels_ce: 1.0, label_temperature: 0.5,
                hidden_mse: 1.0, inplace_kl: 1.0, exit_kl: 1.0}
@@ -149,6 +150,8 @@ class TrainSpec:
     seed: int = 13
     max_length: int = 96
     list_size: int = 32
+    # Each list runs as this many length-sorted slices, each padded to its own longest pair (train/batches.py).
+    micro_batches: int = 2
     dtype: Literal["bf16", "fp32"] = "bf16"
     freeze_word_embeddings: bool = True
     rewire: bool = True
@@ -384,6 +387,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
     if spec.list_size < 2:
         raise InputError(f"{where}.list_size: a list needs at least 2 candidates, got {spec.list_size}")
     _at_least(spec.max_length, 8, f"{where}.max_length")
+    _at_least(spec.micro_batches, 1, f"{where}.micro_batches")
     _at_least(spec.checkpoint_every, 1, f"{where}.checkpoint_every")
     if not isinstance(spec.smoke, Mapping) or set(spec.smoke) - {"queries", "candidates", "steps"} or \
             not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in spec.smoke.values()):
