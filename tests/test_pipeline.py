@@ -189,6 +189,7 @@ def test_an_empty_or_blank_query_has_no_hits_but_rerank_still_scores(pipeline):
     (lambda p: p.batch_search(TOPICS, threads=0), "threads must be a positive integer"),
     (lambda p: p.rerank("cat", "a single string"), "docs must be a list"),
     (lambda p: p.rerank("cat", ["text", ("id", "text")]), "all texts or all"),
+    (lambda p: p.rerank("cat", ["text"], top_k=0), "top_k must be a positive integer"),
 ])
 def test_bad_arguments_raise_input_errors(pipeline, call, message):
     with pytest.raises(InputError, match=message):
@@ -198,6 +199,8 @@ def test_bad_arguments_raise_input_errors(pipeline, call, message):
 def test_bad_construction_raises_input_errors(tiny_world):
     with pytest.raises(InputError, match="candidates must be a positive integer"):
         Pipeline(index=tiny_world.index, candidates=0)
+    with pytest.raises(InputError, match="concurrency must be a positive integer, got True"):
+        Pipeline(index=tiny_world.index, concurrency=True)
     with pytest.raises(InputError, match="first stage must be bm25, dense or hybrid"):
         Pipeline(index=tiny_world.index, first_stage="tfidf")
     with pytest.raises(InputError, match="a dense first stage needs dense_index"):

@@ -919,7 +919,7 @@ def test_a_pool_index_published_by_another_trainer_meanwhile_is_kept_not_replace
 @pytest.mark.parametrize("pool_change, message", [
     ({"topics": "t.tsv"}, r"pseudo_queries makes its own queries .* remove \['topics'\]"),
     ({"search": None}, "pseudo_queries need search"),
-    ({"pseudo_queries": {"count": 0}}, "pseudo_queries.count: expected a positive integer"),
+    ({"pseudo_queries": {"count": 0}}, "pseudo_queries.count must be a positive integer, got 0"),
     ({"pseudo_queries": {"min_words": 5, "max_words": 4}}, "min_words 5 > max_words 4"),
 ])
 def test_pseudo_query_recipe_errors_name_the_key(tiny_data, pool_change, message):
@@ -933,7 +933,7 @@ def test_pseudo_query_recipe_errors_name_the_key(tiny_data, pool_change, message
 
 @pytest.mark.parametrize("data_change, message", [
     ({"runs": None}, "give runs .candidate run files. or search"),
-    ({"search": {"index": "x", "k": 1}}, "search.k: at least 2"),
+    ({"search": {"index": "x", "k": 1}}, "search.k must be an integer >= 2, got 1"),
     ({"search": {"index": "x", "name": "dense"}}, "search.name 'dense' is also a run's name"),
     ({"search": {"idx": "x"}}, r"search: unknown key\(s\) \['idx'\]"),
     ({"teacher": "bm25"}, r"data\[0\].teacher: expected a mapping"),
@@ -960,7 +960,7 @@ def test_two_data_sets_may_not_share_a_name_and_a_float_without_a_dot_is_a_float
                                                           {"run": "bm25", "weight": -0.3}]})
     section["data"][0]["name"] = 2021
     assert train_spec_from_dict(section).data[0].name == "2021"
-    with pytest.raises(InputError, match=r"train.teacher.batch_size: expected a whole number >= 1, got 0"):
+    with pytest.raises(InputError, match=r"train.teacher.batch_size must be a positive integer, got 0"):
         train_spec_from_dict(tiny_section(tiny_data, teacher={"bi-encoder": "m", "batch_size": 0}))
 
 

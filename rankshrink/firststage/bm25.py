@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..data import Collection, Run, atomic_write, open_collection
-from ..errors import InputError
-from .building import batches, check_k, check_writable_index_dir, count_hint, publish_directory
+from ..errors import InputError, check_integer
+from .building import batches, check_writable_index_dir, count_hint, publish_directory
 from .jvm import pyserini
 
 ANSERINI_BM25 = (0.9, 0.4)
@@ -248,7 +248,7 @@ class BM25:
     def search(self, query: str, k: int = 1000) -> dict[str, float]:
         """The top ``k`` documents for ``query`` as ``{docid: score}``, best first. An empty query (or one of
         stopwords only) has no hits."""
-        check_k(k)
+        check_integer("k", k, optional=False)
         if not isinstance(query, str):
             raise InputError(f"a query is a string, got {type(query).__name__}")
         if not query.strip():
@@ -258,7 +258,7 @@ class BM25:
     def batch_search(self, topics: Mapping[str, str], k: int = 1000, threads: int = 2) -> Run:
         """Search all ``topics`` ({qid: query}) with ``threads`` Java threads; a Run in the topics' order.
         Queries without hits (empty, or stopwords only) map to ``{}``."""
-        check_k(k)
+        check_integer("k", k, optional=False)
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         qids = [str(qid) for qid in topics]

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..data import Collection
-from ..errors import InputError, check_integer
+from ..errors import InputError
 
 
 def check_writable_index_dir(index_dir: Path, overwrite: bool) -> None:
@@ -77,10 +77,6 @@ def count_hint(passages: Collection) -> int | None:
         return len(passages)
     except Exception:  # an ir_datasets id whose count needs a download: show a bar without a total
         return None
-
-
-def check_k(k: int) -> None:
-    check_integer("k", k, optional=False)
 
 
 def source_identity(source: str | Path) -> dict:

@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 
 from ..data import Collection, Run, atomic_write, open_collection
-from ..errors import InputError
-from .building import batches, check_k, check_writable_index_dir, count_hint, publish_directory, source_identity
+from ..errors import InputError, check_integer
+from .building import batches, check_writable_index_dir, count_hint, publish_directory, source_identity
 
 FaissKind = Literal["flat", "hnsw", "ivfpq"]
 EncodeDtype = Literal["auto", "fp32", "bf16"]
@@ -440,7 +440,7 @@ class DenseSearcher:
         """All ``topics`` ({qid: query}); a Run in the topics' order. ``threads`` sets faiss' OpenMP threads."""
         import faiss
 
-        check_k(k)
+        check_integer("k", k, optional=False)
         for qid, query in topics.items():
             if not isinstance(query, str):
                 raise InputError(f"query {qid}: expected a string, got {type(query).__name__}")

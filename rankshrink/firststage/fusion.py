@@ -20,7 +20,6 @@ from typing import Literal, Protocol
 
 from ..data import Run, trec_order
 from ..errors import InputError, check_integer
-from .building import check_k
 
 FusionMethod = Literal["rrf", "sum"]
 DEFAULT_RRF_K = 60
@@ -44,7 +43,7 @@ def fuse(runs: Sequence[Mapping[str, Mapping[str, float]]], method: FusionMethod
     if method == "rrf" and not rrf_k > 0:
         raise InputError(f"rrf_k must be > 0, got {rrf_k}")
     if k is not None:
-        check_k(k)
+        check_integer("k", k, optional=False)
     qids = list(dict.fromkeys(qid for run in runs for qid in run))
     # ranx wants every run to hold every query and at least one document per query
     fusable = [qid for qid in qids if any(run.get(qid) for run in runs)]
@@ -122,7 +121,7 @@ class HybridSearcher:
         return self.batch_search({"q": query}, k=k, threads=1)["q"]
 
     def batch_search(self, topics: Mapping[str, str], k: int = 1000, threads: int = 2) -> Run:
-        check_k(k)
+        check_integer("k", k, optional=False)
         depth = max(self.depth, k)
         runs = [self.bm25.batch_search(topics, k=depth, threads=threads),
                 self.dense.batch_search(topics, k=depth, threads=threads)]

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data import Collection, Run, open_collection, trec_order
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from ..rerank.budget import DEFAULT_HEADROOM, check_headroom
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
@@ -220,10 +220,8 @@ class Pipeline:
                  concurrency: int = 1, overhead_ms: float = DEFAULT_OVERHEAD_MS, headroom: float = DEFAULT_HEADROOM,
                  adapt_to_load: bool = False, threads: int | None = None, keep: int | None = None,
                  prune_depth: float | None = None, **first_stage_options):
-        if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
-            raise InputError(f"candidates must be a positive integer, got {candidates!r}")
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise InputError(f"concurrency must be a positive integer, got {concurrency!r}")
+        check_integer("candidates", candidates, optional=False)
+        check_integer("concurrency", concurrency, optional=False)
         if not overhead_ms >= 0:
             raise InputError(f"overhead_ms must be >= 0, got {overhead_ms!r}")
         _check_budget(budget_ms)
@@ -292,7 +290,7 @@ class Pipeline:
                           concurrency: int | None = None) -> tuple[list[Hit], SearchStats]:
         """``search``, and where the time went (``SearchStats``)."""
         started = time.perf_counter()
-        _check_k(k)
+        check_integer("k", k, optional=False)
         budget_ms = self._budget(budget_ms)
         query = clean_text(query, "query")
         if self.first_stage is None:
@@ -316,10 +314,10 @@ class Pipeline:
         >>> run = pipeline.batch_search(read_topics("../shared/trec-dl/dl19/topics.tsv"), budget_ms=200)
         """
         k = self.candidates if k is None else k
-        _check_k(k)
+        check_integer("k", k, optional=False)
         if not isinstance(topics, Mapping):
             raise InputError(f"topics must be a mapping {{qid: query}}, got {type(topics).__name__}")
-        concurrency = max(self.concurrency, _check_threads(threads))
+        concurrency = max(self.concurrency, check_integer("threads", threads, optional=False))
         budget = self._budget(budget_ms)
         if budget and self.first_stage is not None:
             queries = (clean_text(topics[qid], f"query {qid}") for qid in topics)
@@ -346,13 +344,13 @@ class Pipeline:
         >>> reranked = pipeline.rerank_run(read_run("../shared/trec-dl/dl19/runs/bm25.top100.trec"), topics)
         """
         if k is not None:
-            _check_k(k)
+            check_integer("k", k, optional=False)
         budget_ms = self._budget(budget_ms)
         missing = [qid for qid in run if qid not in topics]
         if missing:
             raise InputError(f"run query {missing[0]!r} has no topic" +
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        concurrency = max(self.concurrency, _check_threads(threads))
+        concurrency = max(self.concurrency, check_integer("threads", threads, optional=False))
         first = next((qid for qid in run if run[qid]), None)
         if first is not None:
             self._warm_up_once(budget_ms, clean_text(topics[first], f"query {first}"),
@@ -392,7 +390,7 @@ class Pipeline:
         if self.reranker is None:
             raise InputError("this Pipeline has no model: give model= to rerank")
         if top_k is not None:
-            _check_k(top_k)
+            check_integer("top_k", top_k, optional=False)
         budget_ms = self._budget(budget_ms)
         query = clean_text(query, "query")
         docids, texts = _docs_as_pairs(docs)
@@ -604,18 +602,6 @@ def _map_queries(work, qids: list[str], threads: int, progress: bool, desc: str)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return results
-
-
-def _check_k(k: Any) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")
-    return k
-
-
-def _check_threads(threads: Any) -> int:
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise InputError(f"threads must be a positive integer, got {threads!r}")
-    return threads
 
 
 def _check_budget(budget_ms: Any) -> float | None:

@@ -266,9 +266,7 @@ def _pseudo_spec(item: Mapping[str, Any], where: str) -> PseudoQuerySpec:
         raise InputError(f"{where}: pseudo_queries need search (their BM25 candidates), e.g. search: {{k: 24}}")
     spec = _build(PseudoQuerySpec, item["pseudo_queries"] or {}, f"{where}.pseudo_queries")
     for key in ("count", "min_words", "max_words"):
-        value = getattr(spec, key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{where}.pseudo_queries.{key}: expected a positive integer, got {value!r}")
+        check_integer(f"{where}.pseudo_queries.{key}", getattr(spec, key), optional=False)
     if spec.min_words > spec.max_words:
         raise InputError(f"{where}.pseudo_queries: min_words {spec.min_words} > max_words {spec.max_words}")
     return spec
@@ -305,8 +303,7 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         search = item.get("search")
         if search is not None:
             search = _build(SearchSpec, search, f"{where}.data[{i}].search")
-            if isinstance(search.k, bool) or not isinstance(search.k, int) or search.k < 2:
-                raise InputError(f"{where}.data[{i}].search.k: at least 2 candidates, got {search.k!r}")
+            check_integer(f"{where}.data[{i}].search.k", search.k, 2, optional=False)   # a list of 2 at least
             if search.name in (item.get("runs") or {}):
                 raise InputError(f"{where}.data[{i}].search.name {search.name!r} is also a run's name")
         specs.append(_build(DataSpec, {**item, "runs": dict(item.get("runs") or {}), "search": search},

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Run, atomic_write, file_sha256, hash_file_into, json_digest, read_run
-from ..errors import InputError, error_summary
+from ..errors import InputError, check_integer, error_summary
 from .groups import TrainingGroup
 
 
@@ -287,9 +287,8 @@ def check_teacher_spec(spec: Any, where: str = "teacher", in_fusion: bool = Fals
         elif allowed[key] is float:    # a weight or a scale
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InputError(f"{where}.{key}: expected a number, got {value!r}")
-        elif not (value is None and allowed[key] == int | None) and \
-                (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise InputError(f"{where}.{key}: expected a whole number >= 1, got {value!r}")
+        else:
+            check_integer(f"{where}.{key}", value, optional=allowed[key] == int | None)
 
 
 def teacher_from_spec(spec: Mapping[str, Any], runs_by_source: Mapping[str, Mapping[str, Path]] | None = None) -> Teacher:
