@@ -74,7 +74,7 @@ from typing import Any, Literal
 
 from ..data import (Run, Topics, atomic_write, open_collection, read_qrels, read_run, read_topics, trec_order,
                     write_run)
-from ..errors import InputError
+from ..errors import InputError, check_integer
 from ..rerank.budget import RerankConfig
 
 RowKind = Literal["first-stage", "fixed", "budget"]
@@ -141,8 +141,7 @@ def read_recipe(path: str | Path) -> Recipe:
     index = _index_section(raw.get("index"), path)
     search = _check_keys(dict(raw["search"]), _SEARCH_KEYS, path, "search.")
     _require(search, "topics", path, "search.")
-    if "k" in search and search["k"] < 1:
-        raise InputError(f"{path}: search.k must be a positive integer, got {search['k']}")
+    check_integer(f"{path}: search.k", search.get("k"))
     if "run" not in search:
         search.setdefault("first_stage", "bm25")
         if search["first_stage"] not in ("bm25", "dense", "hybrid"):
