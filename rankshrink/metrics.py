@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .data import Qrels, Run, trec_order
-from .errors import InputError
+from .errors import InputError, check_integer
 
 DEFAULT_METRICS = ("ndcg@10", "mrr@10", "map", "recall@100")
 StatTest = Literal["student", "fisher", "tukey"]
@@ -124,8 +124,7 @@ def evaluate(qrels: Qrels, runs: Mapping[str, Run], metrics: Sequence[str] = DEF
         raise InputError("no runs to evaluate")
     if baseline is not None and baseline not in runs:
         raise InputError(f"baseline {baseline!r} is not among the runs {list(runs)}")
-    if rel_level < 1:
-        raise InputError(f"rel_level must be at least 1, got {rel_level}")
+    check_integer("rel_level", rel_level, optional=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numba's type-safety chatter from inside ranx
         return _evaluate(qrels, runs, metrics, rel_level, baseline, stat_test, alpha)

@@ -177,6 +177,8 @@ def test_empty_query_has_no_hits(bm25):
     assert run["1"] == {} and len(run["2"]) == 10
     with pytest.raises(InputError, match="k must be a positive integer"):
         bm25.search("x", k=0)
+    with pytest.raises(InputError, match="threads must be a positive integer, got 0"):
+        bm25.batch_search({"1": "x"}, k=10, threads=0)
 
 
 def test_lucene_syntax_is_plain_text(bm25):

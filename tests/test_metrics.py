@@ -36,6 +36,8 @@ def test_small_run_by_hand():
     assert result.scores["r"]["p@1"] == 0.0
     strict = evaluate(qrels, {"r": run}, ["mrr@10"], rel_level=2)
     assert strict.scores["r"]["mrr@10"] == pytest.approx(0.5)
+    with pytest.raises(InputError, match="rel_level must be a positive integer, got 0"):
+        evaluate(qrels, {"r": run}, ["mrr@10"], rel_level=0)
 
 
 def test_ties_are_broken_by_docid_descending():

@@ -116,8 +116,8 @@ def build_index(collection: str | Path | Collection, index_dir: str | Path, *, t
     """
     index_dir = Path(index_dir)
     check_writable_index_dir(index_dir, overwrite)
-    if threads < 1 or batch_size < 1:
-        raise InputError(f"threads and batch_size must be >= 1, got {threads} and {batch_size}")
+    check_integer("threads", threads, optional=False)
+    check_integer("batch_size", batch_size, optional=False)
     passages = open_collection(collection)
     started = time.perf_counter()
     building = Path(tempfile.mkdtemp(prefix=f".{index_dir.name}.building-", dir=index_dir.parent))
@@ -259,8 +259,7 @@ class BM25:
         """Search all ``topics`` ({qid: query}) with ``threads`` Java threads; a Run in the topics' order.
         Queries without hits (empty, or stopwords only) map to ``{}``."""
         check_integer("k", k, optional=False)
-        if threads < 1:
-            raise InputError(f"threads must be >= 1, got {threads}")
+        check_integer("threads", threads, optional=False)
         qids = [str(qid) for qid in topics]
         queries = [topics[qid] for qid in topics]
         for qid, query in zip(qids, queries):

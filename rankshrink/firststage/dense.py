@@ -156,8 +156,8 @@ def build_dense_index(collection: str | Path | Collection, index_dir: str | Path
     """
     if faiss_kind not in ("flat", "hnsw", "ivfpq"):
         raise InputError(f"faiss kind must be flat, hnsw or ivfpq, got {faiss_kind!r}")
-    if batch_size < 1 or shard_size < 1:
-        raise InputError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
+    check_integer("batch_size", batch_size, optional=False)
+    check_integer("shard_size", shard_size, optional=False)
     index_dir = Path(index_dir)
     check_writable_index_dir(index_dir, overwrite)
     passages = open_collection(collection)

@@ -357,9 +357,7 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, queries: int
     runs_dir = recipe.runs if output == recipe.output else output / "runs"
     topics = read_topics(recipe.search["topics"])   # an ir_datasets fetch that fails is an InputError
     qrels = read_qrels(recipe.eval["qrels"])
-    if queries is not None:
-        if queries < 1:
-            raise InputError(f"queries must be >= 1, got {queries}")
+    if check_integer("queries", queries) is not None:
         topics = dict(list(topics.items())[:queries])
     model = _ensure_model(recipe, log)
     if budgets:
