@@ -433,6 +433,8 @@ def test_a_teacher_that_is_neither_a_directory_nor_on_the_hub_is_named():
     ({"stages": {"fll": {}}}, r"unknown stage\(s\) \['fll'\]"),
     ({"stages": {"full": {"stepz": 3}}}, r"train.stages.full: unknown key\(s\) \['stepz'\]"),
     ({"dtype": "fp16"}, "expected bf16 or fp32"),
+    ({"dropout": 1.0}, r"train.dropout: a probability in \[0, 1\), got 1.0"),
+    ({"dropout": "none"}, r"train.dropout: expected a number, got 'none'"),
     ({"losses": {"reference": "teacher"}}, "train.losses.reference must be frozen or inplace"),
     ({"stages": {"full": {"average": 1.0}}}, r"train.stages.full.average: a decay in \[0, 1\)"),
     ({"stages": {"full": {"keep": "first"}}}, r"train.stages.full.keep: best or last"),
@@ -703,6 +705,33 @@ def test_a_prefix_depth_stage_trains_fresh_pair_heads_with_the_network_on_the_fi
     assert all({"inplace_offset", "exit_kl", "exit_offset"} <= set(line) for line in lines)
     for head in model.exits.values():   # fresh pair heads (the base's are [CLS] copies of its final head), trained
         assert head.pooler.in_features == 3 * 32 and float(head.classifier.bias.abs().max()) > 0
+
+
+def test_dropout_is_the_recipes_while_training_and_the_model_keeps_it(tiny_data):
+    """``dropout`` sets every hidden and attention dropout of the network and its heads; at 0 a training-mode
+    forward pass is the eval one. Without the key, the base's dropout and the fingerprint recipes had before."""
+    from rankshrink import load_model
+
+    d = tiny_data["dir"]
+    stages = {"full": {"steps": 2, "lr": 1e-3, "eval_every": 0}, "rewire": {"enabled": False},
+              "width": {"steps": 0}, "depth": {"steps": 0}}
+    section = tiny_section(tiny_data, stages=stages, output=str(d / "no-dropout"), dropout=0.0)
+    assert Trainer(train_spec_from_dict(section), progress=False).fingerprint != \
+        Trainer(train_spec_from_dict({**section, "dropout": None}), progress=False).fingerprint
+    assert Trainer(train_spec_from_dict({**section, "dropout": None}), progress=False).fingerprint == \
+        Trainer(train_spec_from_dict({key: value for key, value in section.items() if key != "dropout"}),
+                progress=False).fingerprint
+    train(section)
+    model = load_model(d / "no-dropout")
+    assert model.config.hidden_dropout == model.config.attention_dropout == 0.0
+    assert json.loads((d / "no-dropout" / "config.json").read_text())["hidden_dropout_prob"] == 0.0
+    assert load_model(tiny_data["base"]).config.hidden_dropout > 0
+    batch = model.tokenize([QUERIES[0]] * 3, PASSAGES[:3], max_length=32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.train()(**batch).score, model.eval()(**batch).score)
+        model.set_dropout(0.5)
+        assert all(module.p == 0.5 for module in model.modules() if isinstance(module, torch.nn.Dropout))
+        assert not torch.allclose(model.train()(**batch).score, model.eval()(**batch).score)
 
 
 def test_a_sub_network_matches_the_hidden_states_of_what_its_layers_feed():

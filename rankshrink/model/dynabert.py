@@ -826,6 +826,16 @@ class DynamicCrossEncoder(nn.Module):
         self.exits.apply(self._init_weights)
         self.exits.to(device=parameter.device, dtype=parameter.dtype).train(self.training)
 
+    def set_dropout(self, probability: float) -> None:
+        """Every dropout of the network and its heads, hidden and attention, to ``probability`` (the config,
+        and so a saved model's config.json, follows)."""
+        self.config = replace(self.config, hidden_dropout=probability, attention_dropout=probability)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = probability
+            elif isinstance(module, SelfAttention):
+                module.attention_dropout = probability
+
     @classmethod
     def blank(cls, config: ModelConfig, tokenizer=None) -> "DynamicCrossEncoder":
         """A model whose every weight is about to be overwritten, built without drawing from torch's random

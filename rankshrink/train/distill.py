@@ -72,6 +72,8 @@ class Trainer:
             del recipe[key]
         if spec.micro_batches == 1:   # one padded batch a list, as every recipe trained before the key
             del recipe["micro_batches"]
+        if spec.dropout is None:   # the base's, as every recipe trained before the key
+            del recipe["dropout"]
         for data in recipe["data"]:
             if data["repeat"] == 1:
                 del data["repeat"]
@@ -231,6 +233,8 @@ class Trainer:
             model.metadata.pop(measured, None)
         model.config = replace(model.config, widths=tuple(self.spec.widths), depths=tuple(self.spec.depths),
                                depth_layers=self.spec.depth_layers)
+        if self.spec.dropout is not None:
+            model.set_dropout(self.spec.dropout)
         done = self.done = set(state["done"]) if state else set()
         if exits_changed:   # the exits stage changed: run it again (or not at all)
             done.discard("exits")

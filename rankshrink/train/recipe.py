@@ -36,6 +36,7 @@
       list_size: 32                              # candidates per training list
       micro_batches: 2                           # a list runs as length-sorted slices (less padding; 1: one batch)
       dtype: bf16                                # autocast dtype for training: bf16 | fp32
+      dropout: 0.0                               # optional: hidden and attention dropout (default: the base's)
       losses: {teacher_kl: 1.0, temperature: 1.0, labels_ce: 1.0, label_temperature: 0.5,
                hidden_mse: 1.0, inplace_kl: 1.0, exit_kl: 1.0}
       stages:
@@ -153,6 +154,8 @@ class TrainSpec:
     # Each list runs as this many length-sorted slices, each padded to its own longest pair (train/batches.py).
     micro_batches: int = 2
     dtype: Literal["bf16", "fp32"] = "bf16"
+    # The network's dropout (hidden and attention) while it trains; None: the base's (0.1 for BERT checkpoints).
+    dropout: float | None = None
     freeze_word_embeddings: bool = True
     rewire: bool = True
     losses: LossWeights = LossWeights()
@@ -383,6 +386,8 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
         raise InputError(f"{where}.dtype: expected bf16 or fp32, got {spec.dtype!r}")
     if spec.list_size < 2:
         raise InputError(f"{where}.list_size: a list needs at least 2 candidates, got {spec.list_size}")
+    if spec.dropout is not None and not 0 <= spec.dropout < 1:
+        raise InputError(f"{where}.dropout: a probability in [0, 1), got {spec.dropout!r}")
     _at_least(spec.max_length, 8, f"{where}.max_length")
     _at_least(spec.micro_batches, 1, f"{where}.micro_batches")
     _at_least(spec.checkpoint_every, 1, f"{where}.checkpoint_every")
