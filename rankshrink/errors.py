@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,17 @@ def check_integer(name: str, value: Any, least: int = 1, *, optional: bool = Tru
         expected = "a positive integer" if least == 1 else f"an integer >= {least}"
         raise InputError(f"{name} must be {expected}, got {value!r}")
     return value
+
+
+def check_number(name: str, value: Any, rule: Callable[[float], bool], expected: str, *,
+                 optional: bool = True) -> float | None:
+    """``value`` as a float when it is a real number (not a bool) that ``rule`` accepts (or None, when
+    ``optional``); else an InputError: "NAME must be EXPECTED, got VALUE". NaN fails every comparison a rule makes."""
+    if value is None and optional:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not rule(value):
+        raise InputError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
 
 
 def error_summary(error: BaseException) -> str:

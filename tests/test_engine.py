@@ -438,6 +438,10 @@ def test_bad_construction_raises_input_error(tiny):
     assert explicit.stats.config["max_length"] == 64
     with pytest.raises(InputError, match="exit_risk must be a probability"):
         Reranker(tiny, exits=2.0)
+    with pytest.raises(InputError, match="depth must be in"):
+        Reranker(tiny, depth=math.nan)
+    with pytest.raises(InputError, match=r"headroom must be in \[0, 1\), got '0.1'"):   # a TypeError before
+        Reranker(tiny, headroom="0.1")
     with pytest.raises(InputError, match="dtype must be"):
         Reranker(tiny, dtype="fp16")
 

@@ -184,6 +184,7 @@ def test_an_empty_or_blank_query_has_no_hits_but_rerank_still_scores(pipeline):
 @pytest.mark.parametrize("call, message", [
     (lambda p: p.search("cat", k=0), "k must be a positive integer"),
     (lambda p: p.search("cat", budget_ms=-1), "budget_ms must be a number"),
+    (lambda p: p.search("cat", budget_ms=float("nan")), "budget_ms must be a number of milliseconds >= 0"),
     (lambda p: p.search(None), "query: expected a string"),
     (lambda p: p.batch_search(["cat"]), "topics must be a mapping"),
     (lambda p: p.batch_search(TOPICS, threads=0), "threads must be a positive integer"),

@@ -74,7 +74,7 @@ from typing import Any, Literal
 
 from ..data import (Run, Topics, atomic_write, open_collection, read_qrels, read_run, read_topics, trec_order,
                     write_run)
-from ..errors import InputError, check_integer
+from ..errors import InputError, check_integer, check_number
 from ..rerank.budget import RerankConfig
 
 RowKind = Literal["first-stage", "fixed", "budget"]
@@ -231,8 +231,8 @@ def _rerank_section(section: dict | None, path: Path, first_stage: str) -> dict 
         _check_config(path, f"rerank.configs[{number}]", **{key: config[key] for key in _ROW_KNOBS})
         config.setdefault("name", _config_name(config))
     for budget in section["budgets_ms"]:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
-            raise InputError(f"{path}: rerank.budgets_ms must be numbers of milliseconds >= 0, got {budget!r}")
+        check_number(f"{path}: rerank.budgets_ms", budget, lambda value: 0 <= value < math.inf,
+                     "numbers of milliseconds >= 0", optional=False)
     names = [first_stage] + [config["name"] for config in configs] + [budget_row_name(b) for b in section["budgets_ms"]]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

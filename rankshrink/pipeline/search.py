@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from ..data import Collection, Run, open_collection, trec_order
 from ..errors import InputError, check_integer
-from ..rerank.budget import DEFAULT_HEADROOM, check_headroom
+from ..rerank.budget import DEFAULT_HEADROOM, check_budget_ms, check_headroom
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -224,7 +224,7 @@ class Pipeline:
         check_integer("concurrency", concurrency, optional=False)
         if not overhead_ms >= 0:
             raise InputError(f"overhead_ms must be >= 0, got {overhead_ms!r}")
-        _check_budget(budget_ms)
+        check_budget_ms(budget_ms)
         self.candidates = candidates
         self.budget_ms = budget_ms
         self.concurrency = concurrency
@@ -403,7 +403,7 @@ class Pipeline:
     # -- the parts ---------------------------------------------------------------------------------
 
     def _budget(self, budget_ms: float | None) -> float | None:
-        return self.budget_ms if budget_ms is None else _check_budget(budget_ms)
+        return self.budget_ms if budget_ms is None else check_budget_ms(budget_ms)
 
     def _texts(self, candidates: Mapping[str, float]) -> list[str]:
         if not candidates:
@@ -602,15 +602,6 @@ def _map_queries(work, qids: list[str], threads: int, progress: bool, desc: str)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     return results
-
-
-def _check_budget(budget_ms: Any) -> float | None:
-    if budget_ms is None:
-        return None
-    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not budget_ms >= 0 \
-            or budget_ms == float("inf"):
-        raise InputError(f"budget_ms must be a number of milliseconds >= 0 (or None), got {budget_ms!r}")
-    return float(budget_ms)
 
 
 def _ms_since(started: float) -> float:

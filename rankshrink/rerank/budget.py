@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import InputError, check_integer
+from ..errors import InputError, check_integer, check_number
 
 WORK_FEATURES = ("calls", "pairs", "tokens", "steps", "heads")
 # Share of a budget the chosen configuration's predicted p95 leaves free. At 0 the bench's 400 ms budget ranked
@@ -45,10 +45,18 @@ PRUNE_MAX_LENGTH = 64
 MAX_CORRECTION = 2.0
 
 
-def check_headroom(headroom: float) -> float:
-    if not 0 <= headroom < 1:
-        raise InputError(f"headroom must be in [0, 1), got {headroom!r}")
-    return float(headroom)
+def check_headroom(headroom: Any) -> float:
+    return check_number("headroom", headroom, lambda value: 0 <= value < 1, "in [0, 1)", optional=False)
+
+
+def check_budget_ms(budget_ms: Any) -> float | None:
+    return check_number("budget_ms", budget_ms, lambda value: 0 <= value < math.inf,
+                        "a number of milliseconds >= 0 (or None)")
+
+
+def check_exit_risk(exit_risk: Any, optional: bool = False) -> float | None:
+    return check_number("exit_risk", exit_risk, lambda value: 0 < value < 1,
+                        "a probability in (0, 1)" + (" or None" if optional else ""), optional=optional)
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,7 @@ class RerankConfig:
             value = getattr(self, name)
             if name == "prune_depth" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise InputError(f"{name} must be in (0, 1], got {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, check_number(name, value, lambda fraction: 0 < fraction <= 1, "in (0, 1]"))
         for name in ("max_length", "candidates", "keep"):
             value = check_integer(name, getattr(self, name), optional=name == "keep")
             if value is not None:
@@ -82,11 +88,7 @@ class RerankConfig:
             raise InputError(f"prune_depth {self.prune_depth:g} is the depth of a cascade's first pass: give keep too")
         if self.max_length < 8:
             raise InputError(f"max_length must be at least 8 tokens, got {self.max_length}")
-        if self.exit_risk is not None:
-            if isinstance(self.exit_risk, bool) or not isinstance(self.exit_risk, (int, float)) \
-                    or not 0 < self.exit_risk < 1:
-                raise InputError(f"exit_risk must be a probability in (0, 1) or None, got {self.exit_risk!r}")
-            object.__setattr__(self, "exit_risk", float(self.exit_risk))
+        object.__setattr__(self, "exit_risk", check_exit_risk(self.exit_risk, optional=True))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

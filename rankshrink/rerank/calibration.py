@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError
 
 DEFAULT_TOP_K = 10
 # Per-layer miss probabilities the margins are stored at; others are interpolated (in log ε).
@@ -118,9 +117,3 @@ def margins_for(calibration: Mapping[str, Any] | None, width: float, depth: floa
         return None
     per_layer = exit_risk / len(ranking)
     return {layer: margin_at(stored[str(layer)], per_layer) for layer in ranking}
-
-
-def check_exit_risk(exit_risk: Any) -> float:
-    if isinstance(exit_risk, bool) or not isinstance(exit_risk, (int, float)) or not 0 < exit_risk < 1:
-        raise InputError(f"exit_risk must be a probability in (0, 1), got {exit_risk!r}")
-    return float(exit_risk)

@@ -54,7 +54,7 @@ import torch
 from ..data import trec_order
 from ..errors import InputError, check_integer
 from .budget import (DEFAULT_HEADROOM, PRUNE_MAX_LENGTH, WORK_FEATURES, Controller, FrontierPoint, RerankConfig,
-                     capped, check_headroom)
+                     capped, check_budget_ms, check_exit_risk, check_headroom)
 from .calibration import DEFAULT_TOP_K, leaving, margins_for
 
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -350,8 +350,6 @@ class Reranker:
         if exits is True:
             risk = (self.calibration or {}).get("default_risk")
             return None if risk is None else float(risk)
-        from .calibration import check_exit_risk
-
         return check_exit_risk(exits)
 
     def pruner(self, config: RerankConfig, candidates: int) -> RerankConfig:
@@ -387,7 +385,7 @@ class Reranker:
         docids = _ordered_beside(candidates, texts)
         config, predicted = self.config, None
         if budget_ms is not None:
-            budget_ms = _check_budget(budget_ms)
+            budget_ms = check_budget_ms(budget_ms)
             if self.controller is not None:
                 point = self.choose(budget_ms, len(docids))
                 config = point.config
@@ -457,7 +455,7 @@ class Reranker:
         top_k = DEFAULT_TOP_K if top_k is None else int(check_integer("top_k", top_k))
         deadline = None
         if budget_ms is not None:
-            budget_ms = _check_budget(budget_ms)
+            budget_ms = check_budget_ms(budget_ms)
             deadline = started + max(0.0, budget_ms - FINISH_MS) / 1000
         reranked = docids[:config.candidates]
         passages = _texts_for(reranked, docids, texts)
@@ -721,7 +719,7 @@ class Reranker:
         if missing:
             raise InputError(f"run query {missing[0]!r} has no topic" +
                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        budget_ms = None if budget_ms is None else _check_budget(budget_ms)
+        budget_ms = None if budget_ms is None else check_budget_ms(budget_ms)
         if isinstance(collection, (str, Path)):
             collection = open_collection(collection)
         reranked_run: dict[str, dict[str, float]] = {}
@@ -899,9 +897,3 @@ def _read_texts(collection: Any, docids: list[str]) -> list[str]:
         raise InputError(f"docid {missing[0]!r} is not in the collection" +
                          (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return [collection[docid] for docid in docids]
-
-
-def _check_budget(budget_ms: Any) -> float:
-    if isinstance(budget_ms, bool) or not isinstance(budget_ms, numbers.Real) or not 0 <= budget_ms < math.inf:
-        raise InputError(f"budget_ms must be a number of milliseconds >= 0 (or None), got {budget_ms!r}")
-    return float(budget_ms)
