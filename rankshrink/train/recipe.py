@@ -391,8 +391,8 @@ def train_spec_from_dict(section: Mapping[str, Any], where: str = "train") -> Tr
     _at_least(spec.max_length, 8, f"{where}.max_length")
     _at_least(spec.micro_batches, 1, f"{where}.micro_batches")
     _at_least(spec.checkpoint_every, 1, f"{where}.checkpoint_every")
-    if not isinstance(spec.smoke, Mapping) or set(spec.smoke) - {"queries", "candidates", "steps"} or \
-            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in spec.smoke.values()):
-        raise InputError(f"{where}.smoke: expected positive whole numbers for queries, candidates, steps; "
-                         f"got {spec.smoke!r}")
+    if not isinstance(spec.smoke, Mapping) or set(spec.smoke) - {"queries", "candidates", "steps"}:
+        raise InputError(f"{where}.smoke: expected some of queries, candidates, steps; got {spec.smoke!r}")
+    for key, value in spec.smoke.items():
+        check_integer(f"{where}.smoke.{key}", value, optional=False)
     return spec
