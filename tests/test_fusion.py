@@ -80,7 +80,8 @@ def test_queries_missing_or_empty_in_one_run_and_cut_to_k():
     ({"weights": (1.0,)}, "1 weights for 2 runs"),
     ({"weights": (0.0, 0.0)}, "not all 0"),
     ({"weights": (1.0, -1.0)}, "must be >= 0"),
-    ({"rrf_k": 0}, "rrf_k must be > 0"),
+    ({"rrf_k": 0}, "rrf_k must be a number > 0, got 0"),
+    ({"rrf_k": "60"}, "rrf_k must be a number > 0, got '60'"),
     ({"k": 0}, "k must be a positive integer"),
 ])
 def test_bad_fusion_options(kwargs, message):

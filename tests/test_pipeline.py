@@ -202,6 +202,8 @@ def test_bad_construction_raises_input_errors(tiny_world):
         Pipeline(index=tiny_world.index, candidates=0)
     with pytest.raises(InputError, match="concurrency must be a positive integer, got True"):
         Pipeline(index=tiny_world.index, concurrency=True)
+    with pytest.raises(InputError, match="overhead_ms must be a number of milliseconds >= 0, got '20'"):
+        Pipeline(index=tiny_world.index, overhead_ms="20")
     with pytest.raises(InputError, match="first stage must be bm25, dense or hybrid"):
         Pipeline(index=tiny_world.index, first_stage="tfidf")
     with pytest.raises(InputError, match="a dense first stage needs dense_index"):

@@ -14,12 +14,13 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, Protocol
 
 from ..data import Run, trec_order
-from ..errors import InputError, check_integer
+from ..errors import InputError, check_integer, check_number
 
 FusionMethod = Literal["rrf", "sum"]
 DEFAULT_RRF_K = 60
@@ -40,8 +41,8 @@ def fuse(runs: Sequence[Mapping[str, Mapping[str, float]]], method: FusionMethod
         raise InputError(f"{len(weights)} weights for {len(runs)} runs")
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise InputError(f"weights must be >= 0 and not all 0, got {weights}")
-    if method == "rrf" and not rrf_k > 0:
-        raise InputError(f"rrf_k must be > 0, got {rrf_k}")
+    if method == "rrf":
+        check_number("rrf_k", rrf_k, lambda value: 0 < value < math.inf, "a number > 0", optional=False)
     if k is not None:
         check_integer("k", k, optional=False)
     qids = list(dict.fromkeys(qid for run in runs for qid in run))

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data import Collection, Run, open_collection, trec_order
-from ..errors import InputError, check_integer
+from ..errors import InputError, check_integer, check_number
 from ..rerank.budget import DEFAULT_HEADROOM, check_budget_ms, check_headroom
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
@@ -222,13 +222,12 @@ class Pipeline:
                  prune_depth: float | None = None, **first_stage_options):
         check_integer("candidates", candidates, optional=False)
         check_integer("concurrency", concurrency, optional=False)
-        if not overhead_ms >= 0:
-            raise InputError(f"overhead_ms must be >= 0, got {overhead_ms!r}")
+        self.overhead_ms = check_number("overhead_ms", overhead_ms, lambda value: 0 <= value < math.inf,
+                                        "a number of milliseconds >= 0", optional=False)
         check_budget_ms(budget_ms)
         self.candidates = candidates
         self.budget_ms = budget_ms
         self.concurrency = concurrency
-        self.overhead_ms = float(overhead_ms)
         self.headroom = check_headroom(headroom)
         self.adapt_to_load = bool(adapt_to_load)
         self.first_stage = _open_first_stage(index, first_stage, dense_index, first_stage_options)
