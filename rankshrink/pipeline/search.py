@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data import Collection, Run, open_collection, trec_order
-from ..errors import InputError, check_integer, check_number
-from ..rerank.budget import DEFAULT_HEADROOM, check_budget_ms, check_headroom
+from ..errors import InputError, check_integer
+from ..rerank.budget import DEFAULT_HEADROOM, check_budget_ms, check_headroom, check_milliseconds
 
 FirstStageKind = Literal["bm25", "dense", "hybrid"]
 Dtype = Literal["auto", "bf16", "fp32"]
@@ -222,8 +222,7 @@ class Pipeline:
                  prune_depth: float | None = None, **first_stage_options):
         check_integer("candidates", candidates, optional=False)
         check_integer("concurrency", concurrency, optional=False)
-        self.overhead_ms = check_number("overhead_ms", overhead_ms, lambda value: 0 <= value < math.inf,
-                                        "a number of milliseconds >= 0", optional=False)
+        self.overhead_ms = check_milliseconds("overhead_ms", overhead_ms, optional=False)
         check_budget_ms(budget_ms)
         self.candidates = candidates
         self.budget_ms = budget_ms

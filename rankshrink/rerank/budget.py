@@ -49,9 +49,13 @@ def check_headroom(headroom: Any) -> float:
     return check_number("headroom", headroom, lambda value: 0 <= value < 1, "in [0, 1)", optional=False)
 
 
+def check_milliseconds(name: str, value: Any, *, optional: bool) -> float | None:
+    return check_number(name, value, lambda ms: 0 <= ms < math.inf,
+                        "a number of milliseconds >= 0" + (" (or None)" if optional else ""), optional=optional)
+
+
 def check_budget_ms(budget_ms: Any) -> float | None:
-    return check_number("budget_ms", budget_ms, lambda value: 0 <= value < math.inf,
-                        "a number of milliseconds >= 0 (or None)")
+    return check_milliseconds("budget_ms", budget_ms, optional=True)
 
 
 def check_exit_risk(exit_risk: Any, optional: bool = False) -> float | None:
